@@ -1,0 +1,5 @@
+import sys
+
+from megacontext.cli import main
+
+sys.exit(main())
