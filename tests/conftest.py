@@ -1,13 +1,65 @@
-"""Shared fixtures: every test writes under its own tmp folders, seeded."""
+"""Shared fixtures: seeded, isolated roots; smoke data and base built once per session."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+from megacontext.config import Config, load_config, seed_everything
+
+_USER_ENV = (
+    "MEGACONTEXT_SEED",
+    "MEGACONTEXT_FORCE_DATA_REBUILD",
+    "MEGACONTEXT_ENABLE_WANDB",
+    "MEGACONTEXT_DATA_ROOT",
+    "MEGACONTEXT_ARTIFACT_ROOT",
+    "WANDB_MODE",
+)
 
 
 @pytest.fixture(autouse=True)
-def _isolated_roots(tmp_path_factory, monkeypatch):
-    """Point MEGACONTEXT_*_ROOT at temp folders unless a session-wide cache is set up."""
-    monkeypatch.delenv("MEGACONTEXT_SEED", raising=False)
-    monkeypatch.delenv("MEGACONTEXT_FORCE_DATA_REBUILD", raising=False)
-    monkeypatch.delenv("MEGACONTEXT_ENABLE_WANDB", raising=False)
+def _clean_env(monkeypatch):
+    """Tests never see the developer's MEGACONTEXT_* variables; randomness is seeded."""
+    for var in _USER_ENV:
+        monkeypatch.delenv(var, raising=False)
+    seed_everything(0)
+
+
+@pytest.fixture(scope="session")
+def smoke_roots(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("smoke")
+    return {"data_root": str(root / "data"), "artifact_root": str(root / "artifacts")}
+
+
+def smoke_config(roots: dict[str, str], *overrides: str) -> Config:
+    """configs/smoke.yaml with data/artifact roots in the session's temp folder."""
+    sets = [f"paths.data_root={roots['data_root']}", f"paths.artifact_root={roots['artifact_root']}"]
+    return load_config("smoke", sets + list(overrides), env={})
+
+
+@pytest.fixture(scope="session")
+def smoke_cfg(smoke_roots) -> Config:
+    return smoke_config(smoke_roots)
+
+
+@pytest.fixture(scope="session")
+def smoke_data(smoke_cfg):
+    """The smoke dataset, prepared once (python-stdlib, 80 documents, BPE 512)."""
+    from megacontext.data import prepare_dataset
+
+    return prepare_dataset(smoke_cfg, progress=False)
+
+
+@pytest.fixture(scope="session")
+def smoke_base(smoke_cfg, smoke_data):
+    """The smoke embedded base, pretrained once (seconds), loaded as a BaseModel."""
+    from megacontext.base_model import BaseModel
+    from megacontext.training.pretrain_base import pretrain_base
+
+    pretrain_base(smoke_cfg, progress=False)
+    return BaseModel.from_config(smoke_cfg)
+
+
+def pytest_configure(config):
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
