@@ -75,6 +75,7 @@ class EmbeddedBaseConfig:
     warmup_steps: int = 30
     passkey_fraction: float = 0.05  # share of training sequences that are synthetic passkey docs
     eval_sequences: int = 32  # validation sequences of length `context` for the report
+    passkey_trials: int = 30  # in-window passkey prompts (greedy exact match) for the report
 
 
 @dataclass
@@ -153,6 +154,11 @@ class TrainConfig:
     keepalive_weight: float = 0.1
     label_snapshots: int = 4  # on-policy snapshots per JT2 label generation step
     label_candidates: int = 16  # counterfactual candidates per snapshot
+    label_batch: int = 8  # counterfactual windows per batched base forward
+    focus_rounds: int = 3  # refocuses from the initial assembly that form an on-policy window
+    lens_rank_weight: float = 0.5  # JT2: pairwise ranking term
+    lens_budget_weight: float = 0.1  # JT2: expand/collapse cost balance term
+    lens_legality_weight: float = 0.1  # JT2: penalty on scores asking for impossible actions
     checkpoint_every: int = 0  # steps; 0 = only at phase ends
     val_windows: int = 16
     plateau_patience: int = 0  # cycles without improvement before stopping; 0 = never stop early
@@ -171,6 +177,7 @@ class EvalConfig:
     passkey_lengths: list[int] = field(default_factory=lambda: [1024, 4096])
     passkey_depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
     passkey_trials: int = 8
+    batch_size: int = 8  # windows per batched base forward (loss@H and passkey scoring)
 
 
 @dataclass
@@ -196,6 +203,8 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     source_file: str = field(default="<defaults>", metadata={"internal": True})
+    # dotted key -> where its value came from ("command line", "environment variable X", a file)
+    origins: dict = field(default_factory=dict, metadata={"internal": True}, repr=False)
 
     # ------------------------------------------------------------------ paths
     @property
@@ -210,6 +219,7 @@ class Config:
         """Plain dict (for YAML/JSON snapshots); never contains secrets."""
         out = dataclasses.asdict(self)
         out.pop("source_file", None)
+        out.pop("origins", None)
         return out
 
     def fingerprint(self, *sections: str) -> str:
@@ -314,8 +324,10 @@ def _fields(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
     }
 
 
-def _merge(obj: Any, data: Mapping[str, Any], prefix: str, where: str) -> None:
-    """Apply a nested mapping onto a dataclass instance in place."""
+def _merge(
+    obj: Any, data: Mapping[str, Any], prefix: str, where: str, origins: dict | None = None
+) -> None:
+    """Apply a nested mapping onto a dataclass instance in place (recording origins)."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"{prefix or 'the config'} must be a mapping", key=prefix, where=where)
     fields = _fields(type(obj))
@@ -326,9 +338,11 @@ def _merge(obj: Any, data: Mapping[str, Any], prefix: str, where: str) -> None:
             raise ConfigError(f"unknown key {key!r} (known here: {known})", key=key, where=where)
         _, tp = fields[k]
         if dataclasses.is_dataclass(tp):
-            _merge(getattr(obj, k), v, key, where)
+            _merge(getattr(obj, k), v, key, where, origins)
         else:
             setattr(obj, k, _coerce(v, tp, key, where))
+            if origins is not None:
+                origins[key] = where
 
 
 def _set_dotted(cfg: Config, dotted: str, raw: Any, where: str) -> None:
@@ -345,7 +359,7 @@ def _set_dotted(cfg: Config, dotted: str, raw: Any, where: str) -> None:
         # keep strings like "1e-3" numeric but never turn e.g. a path into a dict
         raw = parsed if not isinstance(parsed, dict) else raw
     cur[parts[-1]] = raw
-    _merge(cfg, nested, "", where)
+    _merge(cfg, nested, "", where, cfg.origins)
 
 
 def parse_overrides(items: Sequence[str]) -> list[tuple[str, str]]:
@@ -389,7 +403,7 @@ def load_config(
             raise ConfigError(f"not valid YAML: {e}", key="", where=where) from None
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"cannot read config: {e}", key="", where=where) from None
-        _merge(cfg, data, "", where)
+        _merge(cfg, data, "", where, cfg.origins)
         cfg.source_file = where
     env = os.environ if env is None else env
     for var, dotted in ENV_VARS.items():
@@ -407,11 +421,11 @@ def load_config(
 
 
 def validate(cfg: Config) -> None:
-    """Reject impossible combinations with one message naming the key."""
-    where = cfg.source_file
+    """Reject impossible combinations with one message naming the key and its origin."""
 
     def need(cond: bool, key: str, msg: str) -> None:
         if not cond:
+            where = cfg.origins.get(key, cfg.source_file)
             raise ConfigError(f"{key}: {msg}", key=key, where=where)
 
     K = cfg.tree.block_size

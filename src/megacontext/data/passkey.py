@@ -1,0 +1,110 @@
+"""Synthetic passkey retrieval, dressed as code comments so it fits a code corpus.
+
+A 5-digit key is planted at fraction ``depth`` of a haystack of filler tokens::
+
+    <filler> "\n# pass key: 48213\n" <filler> "\n# what is the pass key? pass key:"
+
+and the correct continuation is exactly the answer tokens of ``" 48213\n"``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from megacontext.errors import DataError
+
+NEEDLE = "\n# pass key: {key}\n"
+# Question variants, tried in order until one does not merge with the answer's first token.
+QUESTIONS = ("\n# what is the pass key? pass key:", "\n# what is the pass key?\n# pass key =")
+ANSWER = " {key}\n"
+
+
+@dataclass
+class PasskeyExample:
+    prompt: np.ndarray  # int64 [T]: filler + needle + filler + question
+    answer: np.ndarray  # int64 [A]: tokens of " <key>\n"
+    key: str  # the 5 digits
+    depth: float  # requested needle depth in [0, 1]
+    needle_pos: int  # index in ``prompt`` of the needle's first token
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _parts(rng: np.random.Generator, tokenizer) -> tuple[str, list[int], list[int], list[int]]:
+    """(key, needle ids, question ids, answer ids); question + answer ids tokenise the full text.
+
+    The answer ids are the tail of tokenize(question + answer), so they are exactly the
+    continuation a model reading the full text would see; the question must survive as a prefix.
+    """
+    key = str(int(rng.integers(10_000, 100_000)))
+    for question in QUESTIONS:
+        q_ids = _encode(tokenizer, question)
+        full = _encode(tokenizer, question + ANSWER.format(key=key))
+        if full[: len(q_ids)] == q_ids and key in tokenizer.decode(full[len(q_ids) :]):
+            return key, _encode(tokenizer, NEEDLE.format(key=key)), q_ids, full[len(q_ids) :]
+    raise DataError("this tokenizer merges every passkey question with its answer; cannot build passkeys")
+
+
+def _filler(rng: np.random.Generator, filler_docs: Sequence[np.ndarray], n: int) -> np.ndarray:
+    """``n`` filler tokens: a random document from a random offset, then whole random documents."""
+    docs = [d for d in filler_docs if len(d)]
+    if not docs:
+        raise DataError("passkey filler needs at least one non-empty document")
+    pieces, have = [], 0
+    first = docs[int(rng.integers(len(docs)))]
+    pieces.append(first[int(rng.integers(len(first))) :])
+    have += len(pieces[-1])
+    while have < n:
+        pieces.append(docs[int(rng.integers(len(docs)))])
+        have += len(pieces[-1])
+    return np.concatenate(pieces).astype(np.int64)[:n]
+
+
+def _assemble(
+    rng: np.random.Generator,
+    filler_docs: Sequence[np.ndarray],
+    prompt_tokens: int,
+    depth: float,
+    needle: list[int],
+    question: list[int],
+) -> tuple[np.ndarray, int]:
+    n_filler = prompt_tokens - len(needle) - len(question)
+    if n_filler < 0:
+        raise DataError(
+            f"a passkey prompt of {prompt_tokens} tokens is too short: needle and question "
+            f"alone take {len(needle) + len(question)}"
+        )
+    filler = _filler(rng, filler_docs, n_filler) if n_filler else np.zeros(0, np.int64)
+    pos = int(round(depth * n_filler))
+    prompt = np.concatenate([filler[:pos], needle, filler[pos:], question]).astype(np.int64)
+    return prompt, pos
+
+
+def make_passkey(
+    rng: np.random.Generator,
+    tokenizer,
+    filler_docs: Sequence[np.ndarray],
+    total_tokens: int,
+    depth: float,
+) -> PasskeyExample:
+    """A passkey prompt of exactly ``total_tokens`` tokens with the needle at ``depth``."""
+    if not 0.0 <= depth <= 1.0:
+        raise DataError(f"passkey depth must be in [0, 1], got {depth}")
+    key, needle, question, answer = _parts(rng, tokenizer)
+    prompt, pos = _assemble(rng, filler_docs, total_tokens, depth, needle, question)
+    return PasskeyExample(prompt, np.asarray(answer, dtype=np.int64), key, depth, pos)
+
+
+def passkey_training_sequence(
+    rng: np.random.Generator, tokenizer, filler_docs: Sequence[np.ndarray], length: int
+) -> np.ndarray:
+    """int64 [length]: prompt + answer of a passkey at a uniform random depth."""
+    key, needle, question, answer = _parts(rng, tokenizer)
+    depth = float(rng.uniform(0.0, 1.0))
+    prompt, _ = _assemble(rng, filler_docs, length - len(answer), depth, needle, question)
+    return np.concatenate([prompt, np.asarray(answer, dtype=np.int64)])
