@@ -1,0 +1,267 @@
+"""The focus allocator (spec §3.6): LensNet scores -> a few legal, budgeted edits.
+
+One :meth:`FocusAllocator.refocus` pass:
+
+1. Expand candidates: gist entries with score > ``tau_expand``. Collapse candidates:
+   legal sibling groups (outside the raw tail) whose MEAN score < ``-tau_collapse``.
+   Nodes in cooldown are excluded (an action on parent node P at step s blocks the
+   opposite action on P while ``step - s <= cooldown``). Forced collapses (budget
+   overflow in ``WorkingContext.extend``) ignore cooldown but start one: the allocator
+   will not re-expand their parents within ``cooldown`` refocuses.
+2. Greedy: expands by score descending, collapses by mean score ascending (ties: older
+   first). Stochastic: among the ``top_k`` of each list, an order sampled without
+   replacement with probabilities ``softmax(|score| / temperature)`` (Gumbel top-k).
+3. Up to ``n_diff`` actions, alternating expand / collapse, never growing the cost past
+   ``budget - headroom``: an expand that does not fit first triggers pending collapses
+   (skipping groups that contain the node to expand); if it still does not fit it is
+   skipped. Every candidate is re-located by node identity before it is applied.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from megacontext.config import FocusConfig
+from megacontext.working_context import Action, Entry, WorkingContext, collapsible_groups
+
+__all__ = ["Action", "FocusAllocator", "AllocatorStats"]
+
+Candidate = tuple[Entry, float]  # (node to expand | parent to collapse into, score)
+
+
+@dataclass
+class AllocatorStats:
+    """Running telemetry (spec §5): swap rate and residency."""
+
+    refocuses: int = 0
+    expands: int = 0
+    collapses: int = 0
+    swap_rate_sum: float = 0.0
+    last_swap_rate: float = 0.0
+    residencies: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
+
+    def record(self, actions: list[Action], window: int) -> None:
+        self.refocuses += 1
+        self.expands += sum(a.kind == "expand" for a in actions)
+        self.collapses += sum(a.kind == "collapse" for a in actions)
+        self.last_swap_rate = len(actions) / max(1, window)
+        self.swap_rate_sum += self.last_swap_rate
+        self.residencies.extend(a.residency for a in actions)
+
+
+class _Queue:
+    """Candidates consumed lazily in priority order; held items can be put back in front."""
+
+    def __init__(self, items: Iterable[Candidate]) -> None:
+        self._items = iter(items)
+        self._front: list[Candidate] = []
+        self._ended = False
+
+    @property
+    def exhausted(self) -> bool:
+        return self._ended and not self._front
+
+    def pop(self) -> Candidate | None:
+        if self._front:
+            return self._front.pop()
+        item = next(self._items, None)
+        self._ended = item is None
+        return item
+
+    def push_front(self, items: list[Candidate]) -> None:
+        self._front.extend(reversed(items))
+
+
+class FocusAllocator:
+    """Greedy (or stochastic) discrete focus edits; see the module docstring.
+
+    ``block_size``, when given, must match every WorkingContext refocused (a sanity
+    check); the headroom is the WorkingContext's own. ``rng`` drives the stochastic
+    variant (default: seed 0, so runs are reproducible).
+    """
+
+    def __init__(
+        self,
+        cfg: FocusConfig,
+        block_size: int | None = None,
+        rng: np.random.Generator | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.block_size = block_size
+        self.rng = rng if rng is not None else np.random.default_rng(0)
+        self.stats = AllocatorStats()
+
+    # ------------------------------------------------------------------ public
+    def refocus(self, wc: WorkingContext, scores: Any) -> list[Action]:
+        """One pass on ``scores`` (float [W], one per entry); increments ``wc.step``."""
+        if self.block_size is not None and self.block_size != wc.block_size:
+            raise ValueError(f"allocator block_size {self.block_size} != working context's {wc.block_size}")
+        s = _as_scores(scores, wc.cost)
+        window = wc.cost
+        wc.next_step(self.cfg.cooldown)
+        arr = wc.as_array()  # [W, 2] snapshot: candidates are nodes, re-located when applied
+        expands = self._expand_candidates(wc, arr, s)
+        collapses = self._collapse_candidates(wc, arr, s)
+        actions = self._apply(wc, expands, _Queue(collapses))
+        self.stats.record(actions, window)
+        return actions
+
+    def refocus_passes(
+        self,
+        wc: WorkingContext,
+        score_fn: Callable[[WorkingContext], Any],
+        passes: int | None = None,
+    ) -> list[Action]:
+        """Up to ``passes`` (default ``cfg.passes``) refocus passes, re-scoring before each;
+        stops early after a pass that takes no action."""
+        done: list[Action] = []
+        for _ in range(self.cfg.passes if passes is None else passes):
+            acts = self.refocus(wc, score_fn(wc))
+            done.extend(acts)
+            if not acts:
+                break
+        return done
+
+    def residency_stats(self) -> dict[str, float]:
+        """Mean / p95 residency over recent completed residencies (one per action; a
+        collapse counts the mean of its children), swap rate (last and mean), counts."""
+        res = np.asarray(self.stats.residencies, dtype=np.float64)
+        st = self.stats
+        return {
+            "residency_mean": float(res.mean()) if len(res) else math.nan,
+            "residency_p95": float(np.percentile(res, 95)) if len(res) else math.nan,
+            "swap_rate": st.last_swap_rate,
+            "swap_rate_mean": st.swap_rate_sum / st.refocuses if st.refocuses else math.nan,
+            "refocuses": float(st.refocuses),
+            "expands": float(st.expands),
+            "collapses": float(st.collapses),
+        }
+
+    # -------------------------------------------------------------- candidates
+    def _blocked_positions(self, wc: WorkingContext, kind: str) -> list[int]:
+        """Positions blocked by cooldown: after a collapse into P, expanding P (entry P);
+        after expanding P, collapsing back into P (group starting at P's first child)."""
+        K, out = wc.block_size, []
+        for (level, index), (last, _) in wc.recent_actions().items():
+            if last == "collapse" and kind == "expand":
+                pos = wc.position_of((level, index))
+            elif last == "expand" and kind == "collapse":
+                pos = wc.position_of((level - 1, index * K))
+            else:
+                continue
+            if pos is not None:
+                out.append(pos)
+        return out
+
+    def _expand_candidates(self, wc: WorkingContext, arr: np.ndarray, scores: np.ndarray) -> Iterator[Candidate]:
+        ok = (arr[:, 0] >= 1) & (scores > self.cfg.tau_expand)
+        ok[self._blocked_positions(wc, "expand")] = False
+        pos = np.flatnonzero(ok)
+        pos = self._order(pos, scores[pos], descending=True)
+        return (((int(arr[p, 0]), int(arr[p, 1])), float(scores[p])) for p in pos)
+
+    def _collapse_candidates(self, wc: WorkingContext, arr: np.ndarray, scores: np.ndarray) -> Iterator[Candidate]:
+        K = wc.block_size
+        groups = collapsible_groups(arr, K, wc.levels, wc.tail_start)
+        means = sliding_window_view(scores, K)[groups].mean(axis=1) if len(groups) else np.zeros(0)
+        ok = (means < -self.cfg.tau_collapse) & ~np.isin(groups, self._blocked_positions(wc, "collapse"))
+        groups, means = groups[ok], means[ok]
+        order = self._order(np.arange(len(groups)), means, descending=False)
+        return (((int(arr[groups[g], 0]) + 1, int(arr[groups[g], 1]) // K), float(means[g])) for g in order)
+
+    def _order(self, items: np.ndarray, keys: np.ndarray, descending: bool) -> np.ndarray:
+        """Greedy: items sorted by key (stable). Stochastic: a sampled order of the top_k."""
+        order = np.argsort(-keys if descending else keys, kind="stable")
+        if not self.cfg.stochastic:
+            return items[order]
+        top = order[: self.cfg.top_k]
+        gumbel = self.rng.gumbel(size=len(top))
+        sampled = np.argsort(-(np.abs(keys[top]) / self.cfg.temperature + gumbel), kind="stable")
+        return items[top[sampled]]
+
+    # ------------------------------------------------------------------ apply
+    def _apply(self, wc: WorkingContext, expands: Iterator[Candidate], collapses: _Queue) -> list[Action]:
+        n_diff = self.cfg.n_diff
+        actions: list[Action] = []
+        expand_turn, expands_left, collapses_left = True, True, True
+        while len(actions) < n_diff and (expands_left or collapses_left):
+            if expand_turn and expands_left:
+                cand = next(expands, None)
+                if cand is None:
+                    expands_left = False
+                elif wc.position_of(cand[0]) is not None:
+                    expands_left = self._expand_with_room(wc, cand, collapses, actions)
+                    expand_turn = False
+            elif not expand_turn and collapses_left:
+                act = self._next_collapse(wc, collapses, keep=None)
+                if act is None:
+                    collapses_left = False
+                else:
+                    actions.append(act)
+                expand_turn = True
+            else:
+                expand_turn = not expand_turn
+        return actions
+
+    def _expand_with_room(
+        self, wc: WorkingContext, cand: Candidate, collapses: _Queue, actions: list[Action]
+    ) -> bool:
+        """Apply pending collapses until ``cand`` fits, then expand it.
+
+        Returns whether a later expand may still fit (every expand costs K - 1: only
+        collapses held back because they contain ``cand`` could still make room).
+        """
+        cap, grow = wc.budget - wc.headroom, wc.block_size - 1
+        while wc.cost + grow > cap and len(actions) < self.cfg.n_diff - 1:
+            act = self._next_collapse(wc, collapses, keep=cand[0])
+            if act is None:
+                break
+            actions.append(act)
+        if wc.cost + grow > cap:
+            return len(actions) < self.cfg.n_diff - 1 and not collapses.exhausted
+        pos = wc.position_of(cand[0])  # still there: no collapse above contains it
+        assert pos is not None
+        actions.append(wc.expand(pos, cand[1]))
+        return True
+
+    def _next_collapse(self, wc: WorkingContext, collapses: _Queue, keep: Entry | None) -> Action | None:
+        """Apply the best still-legal collapse whose parent does not contain ``keep``."""
+        held: list[Candidate] = []
+        act = None
+        while act is None:
+            cand = collapses.pop()
+            if cand is None:
+                break
+            (level, index), score = cand
+            if keep is not None and _contains(wc, (level, index), keep):
+                held.append(cand)
+                continue
+            pos = wc.position_of((level - 1, index * wc.block_size))
+            if pos is not None and wc.can_collapse(pos):
+                act = wc.collapse(pos, score)
+        collapses.push_front(held)
+        return act
+
+
+def _contains(wc: WorkingContext, parent: Entry, node: Entry) -> bool:
+    start, end = wc.span(parent)
+    return node[0] < parent[0] and start <= wc.span(node)[0] < end
+
+
+def _as_scores(scores: Any, window: int) -> np.ndarray:
+    """float64 [W] from a numpy array, list or (CPU/GPU, grad or not) torch tensor."""
+    if hasattr(scores, "detach"):
+        scores = scores.detach().float().cpu().numpy()
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if s.shape != (window,):
+        raise ValueError(f"expected {window} scores (one per entry), got shape {np.shape(scores)}")
+    if not np.isfinite(s).all():
+        raise ValueError("scores contain NaN or infinity")
+    return s
