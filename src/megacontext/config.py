@@ -64,16 +64,16 @@ class BaseConfig:
 class EmbeddedBaseConfig:
     """Architecture and pretraining recipe of the embedded tiny Llama."""
 
-    hidden_size: int = 192
+    hidden_size: int = 128
     layers: int = 4
     heads: int = 4
-    intermediate_size: int = 512
+    intermediate_size: int = 384
     context: int = 1024
-    steps: int = 360
-    batch_size: int = 8
+    steps: int = 1000
+    batch_size: int = 4
     lr: float = 3e-3
-    warmup_steps: int = 30
-    passkey_fraction: float = 0.05  # share of training sequences that are synthetic passkey docs
+    warmup_steps: int = 50
+    passkey_fraction: float = 0.1  # share of training sequences that are synthetic passkey docs
     eval_sequences: int = 32  # validation sequences of length `context` for the report
     passkey_trials: int = 30  # in-window passkey prompts (greedy exact match) for the report
 
@@ -155,6 +155,7 @@ class TrainConfig:
     label_snapshots: int = 4  # on-policy snapshots per JT2 label generation step
     label_candidates: int = 16  # counterfactual candidates per snapshot
     label_batch: int = 8  # counterfactual windows per batched base forward
+    label_reuse: int = 1  # LensNet steps that train on each label step's snapshots (>= 1)
     focus_rounds: int = 3  # refocuses from the initial assembly that form an on-policy window
     lens_rank_weight: float = 0.5  # JT2: pairwise ranking term
     lens_budget_weight: float = 0.1  # JT2: expand/collapse cost balance term

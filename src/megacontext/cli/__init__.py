@@ -18,6 +18,10 @@ from megacontext.errors import MegaContextError
 # Command modules, in the order their subcommands appear in --help.
 COMMAND_MODULES = [
     "megacontext.cli.data",
+    "megacontext.cli.base",
+    "megacontext.cli.memory",
+    "megacontext.cli.train",
+    "megacontext.cli.eval",
 ]
 
 DESCRIPTION = """\

@@ -1,0 +1,216 @@
+"""`BaseModel`: any Hugging Face causal LM driven through ``inputs_embeds`` (frozen).
+
+The working context is a ``[W, d]`` tensor of token embeddings and gists, so the base is
+always called with embeddings and explicit ``position_ids``; this adapter hides device,
+dtype, padding and the attention-mask details. ``self.model`` may be replaced (e.g. by a
+peft-wrapped model): every call goes through ``self.model`` and its
+``get_input_embeddings()``, so LoRA adapters on the embeddings apply to :meth:`embed`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from megacontext.config import Config
+from megacontext.errors import MegaContextError
+
+EMBEDDED_RECIPE_VERSION = 1  # bump when pretrain_base changes what it produces
+COMPLETE_MARKER = "pretrain_summary.json"  # written last into an embedded base directory
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def embedded_base_dir(cfg: Config) -> Path:
+    """``<artifact_root>/base/embedded-<hash>``; the hash covers every input of the result.
+
+    That is the data settings (except ``force_rebuild``, which changes nothing produced),
+    the architecture and recipe (``cfg.embedded``), the seed and the recipe version.
+    Cheap: no data is read.
+    """
+    from megacontext.data.sources import source_identity
+
+    data = {k: v for k, v in cfg.to_dict()["data"].items() if k != "force_rebuild"}
+    data["source_identity"] = source_identity(cfg.data.source)
+    key = {
+        "recipe": EMBEDDED_RECIPE_VERSION,
+        "data": data,
+        "embedded": cfg.to_dict()["embedded"],
+        "seed": cfg.seed,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return cfg.artifact_root / "base" / f"embedded-{digest}"
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """"auto" -> cuda if available, else mps, else cpu."""
+    if str(device) != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """"auto" -> bfloat16 on a CUDA device that supports it, else float32."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise MegaContextError(f"unknown dtype {dtype!r}; expected auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _looks_like_path(name: str) -> bool:
+    """A local path rather than a hub id ("org/name" or "name")."""
+    p = Path(name).expanduser()
+    return p.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1 or p.exists()
+
+
+class BaseModel:
+    """A frozen HF causal LM: embeddings in, logits out.
+
+    Attributes: ``model`` (replaceable), ``tokenizer``, ``device``, ``dtype``,
+    ``max_context`` (tokens the base may attend to), ``dim`` (embedding width), ``name``.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        name: str,
+        max_context: int | None = None,
+        freeze: bool = True,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        param = next(model.parameters())
+        self.device = param.device
+        self.dtype = param.dtype
+        self.dim = int(model.get_input_embeddings().weight.shape[1])
+        self.max_context = int(max_context or model.config.max_position_embeddings)
+        if freeze:
+            model.requires_grad_(False)
+            model.eval()
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(
+        cls,
+        name_or_dir: str | Path,
+        dtype: str | torch.dtype = "float32",
+        device: str | torch.device = "auto",
+        max_context: int | None = None,
+        attn_implementation: str = "sdpa",
+        name: str | None = None,
+    ) -> BaseModel:
+        """Load a local ``save_pretrained`` directory or a hub id (hub ids need network)."""
+        source = str(name_or_dir)
+        is_path = isinstance(name_or_dir, Path) or _looks_like_path(source)
+        if is_path:
+            path = Path(source).expanduser()
+            if not (path / "config.json").is_file():
+                raise MegaContextError(f"no model at {path}: expected a directory saved with save_pretrained")
+            source = str(path)
+        dev = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, dev)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                source, dtype=torch_dtype, attn_implementation=attn_implementation
+            )
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError) as e:
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if is_path:
+                raise MegaContextError(f"cannot load the model in {source}: {detail}") from None
+            raise MegaContextError(
+                f"cannot load base model {source!r}: a hub model needs network access (or the "
+                f"Hugging Face cache); otherwise pass a local directory saved with save_pretrained "
+                f"({detail})"
+            ) from None
+        model.to(dev)
+        return cls(model, tokenizer, name or source, max_context)
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> BaseModel:
+        """The configured base; "embedded" is the project's pretrained tiny Llama."""
+        b = cfg.base
+        if b.name == "embedded":
+            path = embedded_base_dir(cfg)
+            if not (path / COMPLETE_MARKER).is_file():
+                raise MegaContextError(
+                    f"the embedded base for this config is not trained yet ({path}); run "
+                    f"`megacontext pretrain-base --config {cfg.source_file}` first"
+                )
+            return cls.load(path, b.dtype, b.device, b.max_context, b.attn_implementation, name=path.name)
+        return cls.load(b.name, b.dtype, b.device, b.max_context, b.attn_implementation)
+
+    # ------------------------------------------------------------------ compute
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings: LongTensor ``[..., T]`` -> ``[..., T, d]`` (adapters included)."""
+        return self.model.get_input_embeddings()(ids.to(self.device))
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values=None,
+        use_cache: bool = False,
+    ):
+        """Run the base on ``inputs_embeds`` ``[B, T, d]`` at ``position_ids`` ``[B, T]``.
+
+        ``attention_mask`` ``[B, T_past + T]`` (1 = real, 0 = padding) defaults to all ones.
+        It is always passed explicitly: without one, transformers reads non-consecutive
+        ``position_ids`` (gists in absolute mode) as packed separate sequences.
+        Returns the HF output: ``.logits`` ``[B, T, V]`` and, with ``use_cache``, the KV cache
+        as ``.cache`` (transformers 5; ``.past_key_values`` is its deprecated alias).
+        """
+        B, T, _ = inputs_embeds.shape
+        if attention_mask is None:
+            past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            attention_mask = torch.ones(B, past + T, dtype=torch.long, device=self.device)
+        return self.model(
+            inputs_embeds=inputs_embeds.to(device=self.device, dtype=self.dtype),
+            position_ids=position_ids.to(self.device),
+            attention_mask=attention_mask.to(self.device),
+            cache=past_key_values,
+            use_cache=use_cache,
+        )
+
+    def forward_padded(
+        self, embeds: Sequence[torch.Tensor], positions: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batched forward over rows of different lengths, left padded.
+
+        ``embeds[i]`` ``[T_i, d]``, ``positions[i]`` ``[T_i]`` -> (logits ``[B, T_max, V]``,
+        mask ``[B, T_max]`` bool, True at real entries). Row i's real logits are
+        ``logits[i, T_max - T_i:]`` and equal an unpadded forward of that row.
+        """
+        if len(embeds) != len(positions) or not embeds:
+            raise ValueError("forward_padded needs one positions tensor per (non-empty) embeds list")
+        T_max = max(int(e.shape[0]) for e in embeds)
+        rows, pos, mask = [], [], []
+        for i, (e, p) in enumerate(zip(embeds, positions)):
+            n = int(e.shape[0])
+            if p.shape[0] != n:
+                raise ValueError(f"row {i}: {n} embeddings but {p.shape[0]} positions")
+            pad = T_max - n
+            e = e.to(device=self.device, dtype=self.dtype)
+            rows.append(torch.cat([e.new_zeros(pad, self.dim), e]))
+            pos.append(torch.cat([torch.zeros(pad, dtype=torch.long, device=self.device), p.to(self.device)]))
+            mask.append(torch.arange(T_max, device=self.device) >= pad)
+        x, pos_t, mask_t = torch.stack(rows), torch.stack(pos), torch.stack(mask)
+        out = self.forward(x, pos_t, attention_mask=mask_t.long())
+        return out.logits, mask_t

@@ -1,0 +1,53 @@
+"""`train`: warm start, then alternating cycles JT1 (GistNet) -> JT2 (LensNet) -> JT3 (LoRA)."""
+
+from __future__ import annotations
+
+import argparse
+
+from megacontext.cli import add_common, load_args_config
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="alternating training of GistNet, LensNet and LoRA (checkpointed, resumable)",
+        description="Warm start (GistNet on random replaced spans, LensNet on counterfactual "
+        "labels), then train.cycles cycles of JT1 (GistNet) -> JT2 (LensNet, labels regenerated "
+        "on-policy) -> JT3 (LoRA). After every phase: validation loss@H at focus.budget "
+        "(megacontext vs recency vs reference) and a checkpoint under RUN_DIR/checkpoints/. "
+        "A killed run continues exactly with --resume latest.",
+    )
+    add_common(p)
+    p.add_argument("--cycles", type=int, default=None, metavar="N", help="override train.cycles")
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="RUN_DIR",
+        help="run folder (default: a new <artifact_root>/runs/<time>-<config hash>/)",
+    )
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="latest|PATH",
+        help="continue from the run's latest valid checkpoint, or from a checkpoint folder",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no live progress lines")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from megacontext.training.loop import train
+
+    cfg = load_args_config(args)
+    summary = train(cfg, out_dir=args.out, cycles=args.cycles, resume=args.resume, progress=not args.no_progress)
+    final = summary["final"]
+    print(f"run         {summary['run_dir']}")
+    print(f"checkpoint  {summary['checkpoint']}")
+    if final:
+        print(
+            f"loss@H      megacontext {final['loss_megacontext']:.4f}  recency {final['loss_recency']:.4f}  "
+            f"reference {final['loss_reference']:.4f}  (budget {cfg.focus.budget})"
+        )
+    if summary["stopped_early"]:
+        print("stopped early: validation loss@H plateaued")
+    return 0

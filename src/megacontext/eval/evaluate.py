@@ -1,0 +1,293 @@
+"""`megacontext eval`: loss@H per policy and budget, passkey accuracy, timing -> eval.json.
+
+Windows come from the chosen split's documents with at least ``history + H`` tokens;
+``history = max(eval.history_tokens, 4 * max(budgets))`` tokens before the cursor, the
+cursor random (seeded) or at the document's end. Every policy sees the same windows.
+Loss@H is the mean NLL of the ``H`` real tokens after the cursor (training's
+:func:`~megacontext.training.episode.horizon_nll`), with the window held fixed over them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from megacontext.base_model import BaseModel
+from megacontext.config import Config, derive_seed
+from megacontext.data import SPLITS, PreparedDataset, Window, WindowSampler, prepare_dataset
+from megacontext.errors import DataError, MegaContextError
+from megacontext.eval.passkey import passkey_grid
+from megacontext.eval.policies import POLICIES, RAW_POLICIES, PolicyModules, PolicyWindow, policy_window
+from megacontext.eval.results import loss_rows, make_eval_json
+from megacontext.eval.timing import measure_timing
+from megacontext.gistnet import GistNet
+from megacontext.lensnet import LensNet
+from megacontext.runtime import build_modules
+from megacontext.training.episode import build_source, horizon_nll
+
+ABLATIONS = ("gistnet", "lensnet", "lora")
+Say = Callable[[str], None]
+
+
+def _stderr(msg: str) -> None:
+    print(f"[eval] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- modules
+@dataclass
+class EvalModules:
+    base: BaseModel  # with the checkpoint's LoRA adapter merged, if any
+    plain_base: BaseModel  # without it (the same object when there is no adapter)
+    gistnet: GistNet
+    lensnet: LensNet
+    checkpoint: Path | None
+    ablate: str | None = None
+
+
+def load_eval_modules(cfg: Config, checkpoint: str, ablate: str | None = None, say: Say = _stderr) -> EvalModules:
+    """Base (+ LoRA), GistNet and LensNet of ``checkpoint``, one of them swapped when ablating.
+
+    ``ablate``: "gistnet" / "lensnet" -> a fresh (untrained) module; "lora" -> the base
+    without the adapter (the checkpoint's GistNet and LensNet are kept).
+    """
+    from megacontext.runtime import load_session_modules
+    from megacontext.training.checkpoint import find_checkpoint, open_checkpoint
+
+    if ablate not in (None, *ABLATIONS):
+        raise MegaContextError(f"--ablate must be one of {', '.join(ABLATIONS)}, got {ablate!r}")
+    if ablate == "lora":
+        path = find_checkpoint(cfg, checkpoint, required=checkpoint != "auto") if checkpoint != "none" else None
+        base = plain_base = BaseModel.from_config(cfg)
+        gistnet, lensnet = build_modules(cfg, base)
+        if path is not None:
+            ckpt = open_checkpoint(path)
+            ckpt.load_module("gistnet", gistnet)
+            ckpt.load_module("lensnet", lensnet)
+            if not _has_lora(path):
+                say(f"checkpoint {path} has no LoRA adapter: --ablate lora changes nothing")
+        gistnet.to(base.device).eval()
+        lensnet.to(base.device).eval()
+    else:
+        base, gistnet, lensnet, path = load_session_modules(cfg, checkpoint)
+        plain_base = BaseModel.from_config(cfg) if path is not None and _has_lora(path) else base
+        if ablate is not None:
+            fresh_gist, fresh_lens = build_modules(cfg, base)
+            if ablate == "gistnet":
+                gistnet = fresh_gist.to(base.device).eval()
+            else:
+                lensnet = fresh_lens.to(base.device).eval()
+    if path is None:
+        say("no trained checkpoint: evaluating untrained GistNet/LensNet")
+    return EvalModules(base, plain_base, gistnet, lensnet, path, ablate)
+
+
+def _has_lora(checkpoint: Path) -> bool:
+    return (checkpoint / "lora" / "adapter_model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------------ data
+@dataclass
+class EvalData:
+    name: str  # dataset name
+    split: str  # split(s) the windows come from, e.g. "test" or "train+val+test"
+    docs: list[np.ndarray]  # documents with >= history + H tokens
+    filler: list[np.ndarray]  # every document of those splits (passkey haystacks)
+
+
+def _long(docs: Sequence[np.ndarray], min_tokens: int) -> list[np.ndarray]:
+    return [d for d in docs if len(d) >= min_tokens]
+
+
+def load_eval_data(
+    cfg: Config, base: BaseModel, source: str | None, split: str, min_tokens: int, progress: bool, say: Say = _stderr
+) -> EvalData:
+    """Documents of ``split`` with >= ``min_tokens`` tokens.
+
+    ``source`` (any data source spec) is prepared with the base's tokenizer and cached; if
+    its ``split`` has no long-enough document, every split of it is used (and said so).
+    """
+    if split not in SPLITS:
+        raise MegaContextError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if source is None:
+        ds = prepare_dataset(cfg, progress=progress)
+    else:
+        own = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, name=""))
+        ds = prepare_dataset(own, source=source, tokenizer=base.tokenizer, progress=progress)
+    docs = _long(ds.documents(split), min_tokens)
+    if docs:
+        return EvalData(ds.name, split, docs, list(ds.documents(split)))
+    if source is None:
+        raise DataError(_too_short(ds, split, min_tokens))
+    every = [d for s in SPLITS for d in ds.documents(s)]
+    docs = _long(every, min_tokens)
+    if not docs:
+        raise DataError(_too_short(ds, "any", min_tokens))
+    say(f"the {split} split of {ds.name} has no document of >= {min_tokens} tokens; "
+        f"using all its splits ({len(docs)} long documents)")
+    return EvalData(ds.name, "+".join(SPLITS), docs, every)
+
+
+def _too_short(ds: PreparedDataset, split: str, min_tokens: int) -> str:
+    splits = SPLITS if split == "any" else (split,)
+    longest = max((len(d) for s in splits for d in ds.documents(s)), default=0)
+    return (f"no document in the {split} split of {ds.name} has history + horizon = {min_tokens} "
+            f"tokens (the longest has {longest}); lower eval.history_tokens or the budgets")
+
+
+def select_windows(
+    docs: Sequence[np.ndarray], history: int, horizon: int, cursor: Literal["random", "end"], n: int, seed: int
+) -> list[Window]:
+    """``n`` windows of exactly ``history`` tokens + ``horizon``, deterministic in ``seed``.
+
+    ``random``: seeded cursors (documents weighted by their number of valid cursors).
+    ``end``: the horizon is a document's last ``H`` tokens, one window per distinct
+    document (fewer than ``n`` when there are fewer long documents).
+    """
+    sampler = WindowSampler(docs, horizon, history, history, cursor, seed)
+    if cursor == "random":
+        return sampler.batch(0, n)
+    rng = np.random.default_rng(derive_seed(seed, "eval-end-windows"))
+    out = []
+    for i in rng.permutation(sampler.eligible)[:n]:
+        doc = np.asarray(docs[i], dtype=np.int64)
+        c = len(doc) - horizon
+        out.append(Window(int(i), c, doc[c - history : c], doc[c:]))
+    return out
+
+
+# ------------------------------------------------------------------------- loss@H
+@dataclass
+class PolicyStats:
+    """Per-window measurements of one (budget, policy)."""
+
+    losses: list[float] = field(default_factory=list)
+    costs: list[int] = field(default_factory=list)
+    gist_entries: list[int] = field(default_factory=list)
+
+    def add(self, losses: Sequence[float], windows: Sequence[PolicyWindow]) -> None:
+        self.losses.extend(losses)
+        self.costs.extend(w.cost for w in windows)
+        self.gist_entries.extend(w.gist_entries for w in windows)
+
+
+def _window_rng(seed: int, policy: str, budget: int, index: int) -> np.random.Generator:
+    return np.random.default_rng(derive_seed(seed, "eval", policy, budget, index))
+
+
+@torch.no_grad()
+def loss_at_h(
+    mods: PolicyModules,
+    windows: Sequence[Window],
+    budgets: Sequence[int],
+    policies: Sequence[str],
+    horizon: int,
+    batch_size: int,
+    seed: int,
+    progress: bool = False,
+) -> dict[tuple[int, str], PolicyStats]:
+    """loss@H of every window under every (budget, policy); one batched forward per group.
+
+    The reference does not depend on the budget: it is measured once and reported at each.
+    """
+    stats = {(b, p): PolicyStats() for b in budgets for p in policies}
+    needs_gists = any(p not in RAW_POLICIES for p in policies)
+    bar = tqdm(total=len(windows), desc="loss@H", unit="win", disable=not progress)
+    for lo in range(0, len(windows), batch_size):
+        batch = windows[lo : lo + batch_size]
+        sources = [
+            build_source(mods.base, mods.gistnet, w.history, mods.block_size, mods.levels) if needs_gists else None
+            for w in batch
+        ]
+        horizons = np.stack([w.horizon for w in batch])
+        for policy in policies:
+            for budget in budgets[:1] if policy == "reference" else budgets:
+                pws = [
+                    policy_window(policy, mods, w.history, src, budget, horizon, _window_rng(seed, policy, budget, i))
+                    for i, (w, src) in enumerate(zip(batch, sources), start=lo)
+                ]
+                nll = horizon_nll(mods.base_for(policy), [pw.prefix for pw in pws], horizons).float().cpu().tolist()
+                for b in budgets if policy == "reference" else [budget]:
+                    stats[(b, policy)].add(nll, pws)
+        bar.update(len(batch))
+    bar.close()
+    return stats
+
+
+# -------------------------------------------------------------------------- driver
+@dataclass
+class EvalOptions:
+    budgets: list[int]
+    windows: int
+    cursor: Literal["random", "end"]
+    split: str = "test"
+    data: str | None = None  # a data source spec; None = the config's prepared dataset
+    passkey: bool = True
+    loss: bool = True  # False: passkey only
+    policies: tuple[str, ...] = POLICIES
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> EvalOptions:
+        e = cfg.eval
+        return cls(list(e.budgets), e.windows, e.cursor, e.split)
+
+
+@dataclass
+class EvalRun:
+    """eval.json plus the per-window details behind it (for tests and the report)."""
+
+    json: dict
+    stats: dict[tuple[int, str], PolicyStats]
+    windows: list[Window]
+
+
+def eval_history_tokens(cfg: Config, budgets: Sequence[int]) -> int:
+    """History before the cursor: eval.history_tokens, raised to 4x the largest budget."""
+    return max(cfg.eval.history_tokens, 4 * max(budgets))
+
+
+def evaluate(
+    cfg: Config, modules: EvalModules, opts: EvalOptions, progress: bool = True, say: Say = _stderr
+) -> EvalRun:
+    """Run the protocol of spec §6 and return eval.json (not yet written)."""
+    if not opts.budgets:
+        raise MegaContextError("no budget to evaluate: give --budgets or eval.budgets")
+    tail = (cfg.focus.tail_blocks + 1) * cfg.tree.block_size
+    for b in opts.budgets:
+        if b < tail + cfg.tree.block_size:
+            raise MegaContextError(f"budget {b} is below the raw tail + one block ({tail + cfg.tree.block_size})")
+    base = modules.base
+    H = cfg.train.horizon
+    history = eval_history_tokens(cfg, opts.budgets)
+    if history != cfg.eval.history_tokens:
+        say(f"history raised from {cfg.eval.history_tokens} to {history} tokens (>= 4x the largest budget)")
+    min_tokens = history + H if opts.loss else 1  # passkey only: any document can be filler
+    data = load_eval_data(cfg, base, opts.data, opts.split, min_tokens, progress, say)
+    mods = PolicyModules.from_config(cfg, base, modules.plain_base, modules.gistnet, modules.lensnet)
+    budgets = sorted(set(opts.budgets))
+    stats: dict[tuple[int, str], PolicyStats] = {}
+    windows: list[Window] = []
+    if opts.loss:
+        windows = select_windows(data.docs, history, H, opts.cursor, opts.windows, cfg.seed)
+        stats = loss_at_h(mods, windows, budgets, opts.policies, H, cfg.eval.batch_size, cfg.seed, progress)
+    passkey = []
+    if opts.passkey:
+        passkey = passkey_grid(mods, cfg.eval, data.filler, budgets, opts.policies, cfg.seed, progress)
+    timing = measure_timing(mods, max(data.docs, key=len), max(budgets), cfg.seed)
+    header = {
+        "horizon": H,
+        "block_size": cfg.tree.block_size,
+        "base": base.name,
+        "checkpoint": str(modules.checkpoint) if modules.checkpoint is not None else None,
+        "data": data.name,
+        "split": data.split,
+        "cursor": opts.cursor,
+    }
+    results = loss_rows({k: v.losses for k, v in stats.items()})
+    return EvalRun(make_eval_json(header, results, passkey, timing), stats, windows)

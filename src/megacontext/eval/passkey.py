@@ -1,0 +1,136 @@
+"""Passkey retrieval (spec §6): exact-match accuracy over history length x depth, per policy.
+
+Examples come from :func:`megacontext.data.make_passkey`, seeded per (length, depth,
+trial). A policy is correct when greedy decoding of ``len(answer)`` tokens reproduces the
+answer exactly. With the window held fixed over those few tokens, that is the same as
+"the argmax at every teacher-forced answer slot is the answer token" (greedy stays on the
+answer as long as it is right), so one batched forward scores every policy of an example.
+
+The ``megacontext`` policy runs like the runtime: a :class:`~megacontext.runtime.Session`
+over a RAM tree ingests the prompt and refocuses after every completed block (LensNet +
+allocator); once the whole prompt — question included — is in, it refocuses
+``train.focus_rounds`` more times, so that LensNet sees the question in the raw tail
+through its conditioning and the allocator can expand the gists holding the key.
+The other gist policies build their window over the whole prompt at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from megacontext.base_model import BaseModel
+from megacontext.config import EvalConfig, derive_seed
+from megacontext.data import PasskeyExample, make_passkey
+from megacontext.eval.policies import RAW_POLICIES, PolicyModules, policy_window
+from megacontext.runtime import Session, make_gister
+from megacontext.training.episode import Prefix, build_source, horizon_logits
+from megacontext.tree import MegaContextTree
+from megacontext.working_context import Assembled
+
+Case = tuple[int, float, int]  # (history tokens, depth, trial)
+
+
+def passkey_examples(
+    ecfg: EvalConfig, tokenizer, filler: Sequence[np.ndarray], seed: int
+) -> list[tuple[Case, PasskeyExample]]:
+    """The grid passkey_lengths x passkey_depths x passkey_trials, deterministic in ``seed``."""
+    out = []
+    for length in ecfg.passkey_lengths:
+        for depth in ecfg.passkey_depths:
+            for trial in range(ecfg.passkey_trials):
+                rng = np.random.default_rng(derive_seed(seed, "passkey", length, depth, trial))
+                out.append(((length, depth, trial), make_passkey(rng, tokenizer, filler, length, depth)))
+    return out
+
+
+@torch.no_grad()
+def answer_correct(base: BaseModel, prefixes: Sequence[Prefix | Assembled], answer: np.ndarray) -> list[bool]:
+    """Greedy exact match of ``answer`` int64 [A] after each prefix (one batched forward)."""
+    target = torch.as_tensor(np.tile(answer, (len(prefixes), 1)))
+    logits = horizon_logits(base, list(prefixes), target)  # [B, A, V]
+    hits = logits.argmax(dim=-1).cpu() == target
+    return hits.all(dim=1).tolist()
+
+
+@torch.no_grad()
+def session_window(mods: PolicyModules, prompt: np.ndarray, budget: int, seed: int) -> Assembled:
+    """The runtime's window after ingesting ``prompt`` (refocus per block + final rounds)."""
+    tree = MegaContextTree.create_ram(
+        mods.block_size, mods.levels, mods.base.dim, make_gister(mods.base, mods.gistnet)
+    )
+    focus = dataclasses.replace(mods.focus, budget=budget)
+    session = Session(mods.base, mods.gistnet, mods.lensnet, tree, focus, seed=seed)
+    session.ingest(prompt)
+    for _ in range(mods.rounds):
+        session.refocus()
+    return session.assemble()
+
+
+def _prefix(
+    policy: str, mods: PolicyModules, ex: PasskeyExample, source, budget: int, rng: np.random.Generator, seed: int
+) -> Prefix | Assembled:
+    if policy == "megacontext":
+        return session_window(mods, ex.prompt, budget, seed)
+    return policy_window(policy, mods, ex.prompt, source, budget, len(ex.answer), rng).prefix
+
+
+@torch.no_grad()
+def passkey_grid(
+    mods: PolicyModules,
+    ecfg: EvalConfig,
+    filler: Sequence[np.ndarray],
+    budgets: Sequence[int],
+    policies: Sequence[str],
+    seed: int,
+    progress: bool = False,
+) -> list[dict]:
+    """eval.json passkey rows: {budget, history_tokens, depth, policy, accuracy, n}."""
+    examples = passkey_examples(ecfg, mods.base.tokenizer, filler, seed)
+    hits: dict[tuple[int, int, float, str], list[bool]] = defaultdict(list)
+    needs_source = any(p not in RAW_POLICIES and p != "megacontext" for p in policies)
+    for (length, depth, trial), ex in tqdm(examples, desc="passkey", unit="ex", disable=not progress):
+        source = (
+            build_source(mods.base, mods.gistnet, ex.prompt, mods.block_size, mods.levels) if needs_source else None
+        )
+        keys, prefixes = [], []
+        for policy in policies:
+            for budget in budgets[:1] if policy == "reference" else budgets:
+                rng = np.random.default_rng(derive_seed(seed, "passkey-policy", policy, budget, length, depth, trial))
+                keys.append((policy, budget))
+                prefixes.append(_prefix(policy, mods, ex, source, budget, rng, seed))
+        ok = _score(mods, keys, prefixes, ex.answer, ecfg.batch_size)
+        for (policy, budget), correct in zip(keys, ok):
+            for b in budgets if policy == "reference" else [budget]:
+                hits[(b, length, depth, policy)].append(correct)
+    return [
+        {"budget": b, "history_tokens": length, "depth": depth, "policy": policy,
+         "accuracy": float(np.mean(v)), "n": len(v)}
+        for (b, length, depth, policy), v in sorted(hits.items(), key=lambda kv: _order(kv[0], policies))
+    ]
+
+
+def _score(
+    mods: PolicyModules, keys: Sequence[tuple[str, int]], prefixes: Sequence[Prefix | Assembled],
+    answer: np.ndarray, batch_size: int,
+) -> list[bool]:
+    """Exact match per prefix, batched per reading base (plain for raw policies)."""
+    ok = [False] * len(keys)
+    for raw in (True, False):
+        sel = [i for i, (policy, _) in enumerate(keys) if (policy in RAW_POLICIES) == raw]
+        base = mods.plain_base if raw else mods.base
+        for lo in range(0, len(sel), batch_size):
+            chunk = sel[lo : lo + batch_size]
+            for i, hit in zip(chunk, answer_correct(base, [prefixes[i] for i in chunk], answer)):
+                ok[i] = hit
+    return ok
+
+
+def _order(key: tuple[int, int, float, str], policies: Sequence[str]) -> tuple:
+    b, length, depth, policy = key
+    return b, length, depth, list(policies).index(policy)

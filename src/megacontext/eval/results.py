@@ -1,0 +1,173 @@
+"""The eval.json schema, the derived numbers (ΔNLL, gap closed) and the printed table.
+
+eval.json (exactly these keys)::
+
+    {"horizon", "block_size", "base", "checkpoint", "data", "split", "cursor",
+     "results":  [{"budget", "policy", "loss_at_h", "delta_nll_vs_reference", "n_windows"}],
+     "gap_closed": {"<budget>": share},
+     "passkey":  [{"budget", "history_tokens", "depth", "policy", "accuracy", "n"}],
+     "timing":   {"base_forward_ms", "refocus_ms", "gist_ms_per_block"}}
+
+``gap_closed[W] = (recency - megacontext) / (recency - reference)`` in loss@H (null when
+recency and reference tie). Non-finite numbers are written as null.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+EVAL_KEYS = ("horizon", "block_size", "base", "checkpoint", "data", "split", "cursor",
+             "results", "gap_closed", "passkey", "timing")
+RESULT_KEYS = ("budget", "policy", "loss_at_h", "delta_nll_vs_reference", "n_windows")
+PASSKEY_KEYS = ("budget", "history_tokens", "depth", "policy", "accuracy", "n")
+TIMING_KEYS = ("base_forward_ms", "refocus_ms", "gist_ms_per_block")
+ACCEPT_DELTA_NLL = 0.1  # seed doc: ΔNLL degradation <= 0.1 at W_max
+
+
+def _finite(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def loss_rows(losses: Mapping[tuple[int, str], Sequence[float]]) -> list[dict[str, Any]]:
+    """One results row per (budget, policy) from per-window NLLs; delta vs the reference's.
+
+    ``losses[(budget, policy)]``: loss@H of each window (the same windows for every key).
+    """
+    rows = []
+    for (budget, policy), values in losses.items():
+        ref = losses.get((budget, "reference"))
+        loss = sum(values) / len(values) if values else math.nan
+        ref_loss = sum(ref) / len(ref) if ref else math.nan
+        rows.append({
+            "budget": int(budget),
+            "policy": policy,
+            "loss_at_h": _finite(loss),
+            "delta_nll_vs_reference": _finite(loss - ref_loss),
+            "n_windows": len(values),
+        })
+    return rows
+
+
+def _loss(rows: Sequence[Mapping[str, Any]], budget: int, policy: str) -> float | None:
+    for r in rows:
+        if r["budget"] == budget and r["policy"] == policy:
+            return r["loss_at_h"]
+    return None
+
+
+def gap_closed(rows: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
+    """Share of the recency -> reference loss gap that megacontext closes, per budget."""
+    out: dict[str, float | None] = {}
+    for budget in sorted({r["budget"] for r in rows}):
+        rec, ref, mc = (_loss(rows, budget, p) for p in ("recency", "reference", "megacontext"))
+        if None in (rec, ref, mc) or rec == ref:
+            out[str(budget)] = None
+        else:
+            out[str(budget)] = _finite((rec - mc) / (rec - ref))  # type: ignore[operator]
+    return out
+
+
+def make_eval_json(
+    header: Mapping[str, Any], results: list[dict], passkey: list[dict], timing: Mapping[str, Any]
+) -> dict:
+    """Assemble eval.json from its header fields and the three measured parts."""
+    out = {k: header[k] for k in EVAL_KEYS[:7]}
+    out["results"] = results
+    out["gap_closed"] = gap_closed(results)
+    out["passkey"] = passkey
+    out["timing"] = {k: _finite(timing.get(k)) for k in TIMING_KEYS}
+    return out
+
+
+def write_eval_json(data: Mapping[str, Any], path: Path) -> Path:
+    """Atomic write (tmp + rename) of eval.json."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def _fmt(x: float | None, spec: str = ".4f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def delta_standard_errors(losses: Mapping[tuple[int, str], Sequence[float]]) -> dict[tuple[int, str], float | None]:
+    """Standard error of the mean paired difference (policy - reference) over the windows."""
+    out: dict[tuple[int, str], float | None] = {}
+    for (budget, policy), values in losses.items():
+        ref = losses.get((budget, "reference"))
+        if policy == "reference" or not ref or len(values) < 2 or len(values) != len(ref):
+            out[(budget, policy)] = None
+            continue
+        d = np.asarray(values, dtype=np.float64) - np.asarray(ref, dtype=np.float64)
+        out[(budget, policy)] = float(d.std(ddof=1) / math.sqrt(len(d)))
+    return out
+
+
+def format_table(data: Mapping[str, Any], se: Mapping[tuple[int, str], float | None] | None = None) -> str:
+    """Plain-text loss@H table, gap closed, passkey accuracy and timing.
+
+    ``se``: optional standard error of each ΔNLL (from :func:`delta_standard_errors`).
+    """
+    se = se or {}
+    lines = []
+    if data["results"]:
+        lines.append(f"loss@H (H={data['horizon']}, {data['split']} split of {data['data']}, cursor={data['cursor']})")
+        lines.append(f"{'budget':>7} {'policy':<14} {'loss@H':>8} {'ΔNLL':>8} {'± s.e.':>7} {'windows':>7}")
+    for r in data["results"]:
+        lines.append(
+            f"{r['budget']:>7} {r['policy']:<14} {_fmt(r['loss_at_h']):>8} "
+            f"{_fmt(r['delta_nll_vs_reference'], '+.4f'):>8} {_fmt(se.get((r['budget'], r['policy'])), '.4f'):>7} "
+            f"{r['n_windows']:>7}"
+        )
+    for budget, share in data["gap_closed"].items():
+        rec, ref = _loss(data["results"], int(budget), "recency"), _loss(data["results"], int(budget), "reference")
+        no_gap = None not in (rec, ref) and rec <= ref  # type: ignore[operator]
+        note = " (reference is not better than recency here: no gap to close)" if no_gap else ""
+        lines.append(f"gap closed at W={budget}: {_fmt(None if share is None else 100 * share, '.1f')}%{note}")
+    if data["passkey"]:
+        lines += _passkey_table(data["passkey"])
+    t = data["timing"]
+    ratio = (t["refocus_ms"] / t["base_forward_ms"]) if t["refocus_ms"] and t["base_forward_ms"] else None
+    lines.append(
+        f"timing: base forward {_fmt(t['base_forward_ms'], '.2f')} ms, refocus {_fmt(t['refocus_ms'], '.2f')} ms "
+        f"(ratio {_fmt(ratio, '.3f')}), GistNet {_fmt(t['gist_ms_per_block'], '.3f')} ms/block"
+    )
+    return "\n".join(lines)
+
+
+def _passkey_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Passkey accuracy: one line per (budget, history, depth), one column per policy."""
+    policies = list(dict.fromkeys(r["policy"] for r in rows))
+    cells: dict[tuple, dict[str, float]] = {}
+    trials: set[int] = set()
+    for r in rows:
+        cells.setdefault((r["budget"], r["history_tokens"], r["depth"]), {})[r["policy"]] = r["accuracy"]
+        trials.add(r["n"])
+    width = max(8, *(len(p) for p in policies))
+    out = [f"passkey exact match ({'/'.join(map(str, sorted(trials)))} trials per cell)",
+           f"{'budget':>7} {'history':>8} {'depth':>6} " + " ".join(f"{p:>{width}}" for p in policies)]
+    for (budget, history, depth), acc in cells.items():
+        out.append(f"{budget:>7} {history:>8} {depth:>6.2f} "
+                   + " ".join(f"{_fmt(acc.get(p), '.3f'):>{width}}" for p in policies))
+    return out
+
+
+def acceptance_lines(data: Mapping[str, Any], threshold: float = ACCEPT_DELTA_NLL) -> list[str]:
+    """The seed doc's check: megacontext ΔNLL vs reference <= threshold, per budget."""
+    out = []
+    for r in data["results"]:
+        if r["policy"] != "megacontext":
+            continue
+        d = r["delta_nll_vs_reference"]
+        verdict = "n/a" if d is None else ("PASS" if d <= threshold else "FAIL")
+        out.append(f"acceptance W={r['budget']}: megacontext ΔNLL vs reference {_fmt(d, '+.4f')} "
+                   f"(target <= {threshold}) {verdict}")
+    return out

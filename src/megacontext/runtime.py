@@ -1,0 +1,403 @@
+"""The runtime loop (spec §3.7): ingest -> LensNet scores -> allocator edits -> decode.
+
+A :class:`Session` owns one history (a :class:`MegaContextTree`, in RAM or on disk), the
+working context over it, and the frozen modules that read it. Per block of ``K`` tokens:
+
+    ingest (tree + gists) -> refocus (LensNet + allocator, 1-3 passes) -> decode with
+    the base on the working context (KV cache inside the block; rebuilt after a refocus)
+
+and every block leaves a telemetry record (latency split, swap rate, budget use).
+A disk session is saved beside its tree (``session.json``) and reopens with its whole
+history and focus state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from megacontext.allocator import FocusAllocator
+from megacontext.base_model import BaseModel
+from megacontext.config import Config, FocusConfig
+from megacontext.errors import MegaContextError
+from megacontext.gistnet import GistNet, TreeGister
+from megacontext.lensnet import LensNet, build_conditioning, entry_features
+from megacontext.tree import MegaContextTree
+from megacontext.working_context import Action, Assembled, WorkingContext, assemble
+
+SESSION_FILE = "session.json"
+
+
+class TreeSource:
+    """EntrySource over a tree: LOD0 embeddings from the base, gists from storage."""
+
+    def __init__(self, tree: MegaContextTree, base: BaseModel) -> None:
+        self.tree = tree
+        self.base = base
+
+    def token_embeddings(self, positions: torch.Tensor) -> torch.Tensor:
+        """positions [n] -> [n, d] base input embeddings of those history tokens."""
+        if positions.numel() == 0:
+            return torch.zeros(0, self.base.dim, device=self.base.device, dtype=self.base.dtype)
+        lo, hi = int(positions.min()), int(positions.max()) + 1
+        ids = torch.from_numpy(self.tree.tokens(lo, hi).astype(np.int64))
+        ids = ids[(positions - lo).cpu()].to(self.base.device)
+        return self.base.embed(ids)
+
+    def gist_vectors(self, level: int, indices: torch.Tensor) -> torch.Tensor:
+        """indices [n] -> [n, d] stored gists of `level`, on the base's device/dtype."""
+        g = self.tree.gists(level, indices.cpu())
+        return g.to(device=self.base.device, dtype=self.base.dtype)
+
+
+@dataclass
+class BlockTelemetry:
+    """One record per refocus (spec §5)."""
+
+    block: int
+    history_tokens: int
+    cost: int
+    budget: int
+    actions: int
+    expands: int
+    collapses: int
+    swap_rate: float
+    ms_lensnet: float
+    ms_allocator: float
+    ms_assemble: float
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Cache:
+    """KV cache of the base over the first `length` window entries (valid inside a block)."""
+
+    past: object = None
+    length: int = 0
+    next_position: int = 0
+
+
+@dataclass
+class Session:
+    """One MegaContext session: history tree + working context + frozen modules."""
+
+    base: BaseModel
+    gistnet: GistNet
+    lensnet: LensNet
+    tree: MegaContextTree
+    focus: FocusConfig
+    seed: int = 0
+    wc: WorkingContext | None = None
+    telemetry: list[BlockTelemetry] = field(default_factory=list)
+    actions: list[Action] = field(default_factory=list)
+    base_forward_ms: list[float] = field(default_factory=list)
+    on_block: Callable[[BlockTelemetry], None] | None = None
+
+    def __post_init__(self) -> None:
+        self.block_size = self.tree.block_size
+        self.levels = self.tree.levels
+        self.source = TreeSource(self.tree, self.base)
+        self.allocator = FocusAllocator(self.focus, self.block_size, np.random.default_rng(self.seed))
+        self._cache = _Cache()
+        if self.wc is None and self.tree.num_tokens > 0:
+            self.wc = self._initial_wc(self.tree.num_tokens)
+
+    # ------------------------------------------------------------------ state
+    @property
+    def num_tokens(self) -> int:
+        return self.tree.num_tokens
+
+    def _initial_wc(self, n: int) -> WorkingContext:
+        return WorkingContext.initial(n, self.block_size, self.levels, self.focus.budget, self.focus.tail_blocks)
+
+    def set_budget(self, budget: int) -> None:
+        """Change W_max; the window is rebuilt by the initial assembly at the new budget."""
+        self.focus.budget = budget
+        self.allocator = FocusAllocator(self.focus, self.block_size, np.random.default_rng(self.seed))
+        self.wc = self._initial_wc(self.num_tokens) if self.num_tokens else None
+        self._cache = _Cache()
+
+    # ----------------------------------------------------------------- ingest
+    def ingest(self, ids: Sequence[int] | np.ndarray, progress: Callable[[int], None] | None = None) -> None:
+        """Append tokens; refocus each time a block completes (chunked at block borders)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        pos = 0
+        while pos < len(ids):
+            room = self.block_size - (self.num_tokens % self.block_size)
+            chunk = ids[pos : pos + room]
+            self.tree.append(chunk)
+            pos += len(chunk)
+            if self.wc is None:
+                self.wc = self._initial_wc(self.num_tokens)
+                self._cache = _Cache()
+            else:
+                forced = self.wc.extend(self.num_tokens)
+                if forced:
+                    self.actions.extend(forced)
+                    self._cache = _Cache()
+            if self.num_tokens % self.block_size == 0:
+                self.refocus()
+            if progress is not None:
+                progress(len(chunk))
+
+    def ingest_text(self, text: str) -> int:
+        ids = self.base.tokenizer.encode(text, add_special_tokens=False)
+        self.ingest(ids)
+        return len(ids)
+
+    # ---------------------------------------------------------------- refocus
+    def assemble(self) -> Assembled:
+        if self.wc is None:
+            raise MegaContextError("the session is empty: ingest some text first")
+        return assemble(self.wc, self.source, self.focus.position_mode)
+
+    @torch.no_grad()
+    def scores(self, window: Assembled) -> np.ndarray:
+        """LensNet scores [W] for the assembled window (non-causal, one call)."""
+        wc = self.wc
+        assert wc is not None
+        log_w, log_d = entry_features(window.levels, window.starts, window.ends, wc.num_tokens, self.block_size)
+        cond, cond_mask = build_conditioning(
+            self.source,
+            wc.num_tokens,
+            wc.tail_start,
+            self.block_size,
+            self.levels,
+            self.lensnet.cfg.lod1_conditioning,
+            self.base.dim,
+        )
+        dev = window.embeds.device
+        s = self.lensnet(
+            window.embeds[None].float(),
+            window.levels[None].to(dev),
+            log_w[None].to(dev),
+            log_d[None].to(dev),
+            torch.ones(1, len(window.levels), dtype=torch.bool, device=dev),
+            cond[None].float().to(dev),
+            cond_mask[None].to(dev),
+        )
+        return s[0].float().cpu().numpy()
+
+    def refocus(self) -> list[Action]:
+        """LensNet + allocator, up to focus.passes passes; invalidates the KV cache."""
+        if self.wc is None:
+            return []
+        t_asm = t_lens = t_alloc = 0.0
+        done: list[Action] = []
+        for _ in range(self.focus.passes):
+            t0 = time.perf_counter()
+            window = self.assemble()
+            t1 = time.perf_counter()
+            s = self.scores(window)
+            t2 = time.perf_counter()
+            acts = self.allocator.refocus(self.wc, s)
+            t3 = time.perf_counter()
+            t_asm, t_lens, t_alloc = t_asm + t1 - t0, t_lens + t2 - t1, t_alloc + t3 - t2
+            done.extend(acts)
+            if not acts:
+                break
+        if done:
+            self._cache = _Cache()
+        self.actions.extend(done)
+        rec = BlockTelemetry(
+            block=self.num_tokens // self.block_size,
+            history_tokens=self.num_tokens,
+            cost=self.wc.cost,
+            budget=self.focus.budget,
+            actions=len(done),
+            expands=sum(a.kind == "expand" for a in done),
+            collapses=sum(a.kind == "collapse" for a in done),
+            swap_rate=len(done) / max(1, len(self.wc.entries)),
+            ms_lensnet=1e3 * t_lens,
+            ms_allocator=1e3 * t_alloc,
+            ms_assemble=1e3 * t_asm,
+        )
+        self.telemetry.append(rec)
+        if self.on_block is not None:
+            self.on_block(rec)
+        return done
+
+    # ----------------------------------------------------------------- decode
+    @torch.no_grad()
+    def next_logits(self) -> torch.Tensor:
+        """Logits [V] for the token after the history, reusing the block's KV cache."""
+        if self.wc is None:
+            raise MegaContextError("the session is empty: ingest some text first")
+        W = len(self.wc.entries)
+        t0 = time.perf_counter()
+        if self._cache.past is None or self._cache.length > W:
+            window = self.assemble()
+            out = self.base.forward(
+                window.embeds[None], window.position_ids[None].to(self.base.device), use_cache=True
+            )
+            self._cache = _Cache(out.past_key_values, W, window.next_position)
+        elif self._cache.length < W:
+            # Only raw tokens were appended since the cache was built (no edits).
+            n_new = W - self._cache.length
+            pos = torch.arange(self.num_tokens - n_new, self.num_tokens, device=self.base.device)
+            emb = self.source.token_embeddings(pos)
+            first = self._cache.next_position
+            pids = torch.arange(first, first + n_new, device=self.base.device)
+            if self.focus.position_mode == "absolute":
+                pids = pos
+            out = self.base.forward(emb[None], pids[None], past_key_values=self._cache.past, use_cache=True)
+            self._cache = _Cache(out.past_key_values, W, int(pids[-1]) + 1)
+        else:
+            raise RuntimeError("next_logits called twice without a new token")  # internal misuse
+        self.base_forward_ms.append(1e3 * (time.perf_counter() - t0))
+        self._last_logits = out.logits[0, -1].float()
+        return self._last_logits
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        stop_ids: Iterable[int] = (),
+    ) -> list[int]:
+        """Ingest the prompt, then decode greedily (temperature 0) or by sampling."""
+        self.ingest(prompt_ids)
+        stop = set(stop_ids)
+        gen = torch.Generator().manual_seed(self.seed)
+        out: list[int] = []
+        for _ in range(max_new_tokens):
+            logits = self.next_logits()
+            if temperature > 0:
+                probs = torch.softmax(logits / temperature, dim=-1).cpu()
+                tok = int(torch.multinomial(probs, 1, generator=gen))
+            else:
+                tok = int(torch.argmax(logits))
+            out.append(tok)
+            self.ingest([tok])
+            if tok in stop:
+                break
+        return out
+
+    # ---------------------------------------------------------------- summary
+    def window_summary(self) -> dict:
+        """cost, budget, entries_per_level, covered_tokens, history_tokens, refocuses, actions."""
+        if self.wc is None:
+            levels = {str(k): 0 for k in range(self.levels + 1)}
+            return {"cost": 0, "budget": self.focus.budget, "entries_per_level": levels,
+                    "covered_tokens": 0, "history_tokens": 0, "refocuses": 0, "actions": 0}
+        s = self.wc.summary()
+        return {
+            "cost": s["cost"],
+            "budget": s["budget"],
+            "entries_per_level": s["entries_per_level"],
+            "covered_tokens": s["covered_tokens"],
+            "history_tokens": s["history_tokens"],
+            "refocuses": len(self.telemetry),
+            "actions": len(self.actions),
+        }
+
+    # ------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike | None = None) -> None:
+        """Write the focus state next to a disk tree (the tree itself is already durable)."""
+        folder = Path(path) if path is not None else self.tree.path
+        if folder is None:
+            raise MegaContextError("a RAM session has no folder: pass a path to save()")
+        state = {
+            "budget": self.focus.budget,
+            "wc": self.wc.to_dict() if self.wc is not None else None,
+            "refocuses": len(self.telemetry),
+        }
+        tmp = Path(folder) / (SESSION_FILE + ".tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, Path(folder) / SESSION_FILE)
+
+    def restore_focus(self) -> None:
+        """Reload a saved working context when it matches the tree and budget."""
+        folder = self.tree.path
+        f = Path(folder) / SESSION_FILE if folder is not None else None
+        if f is None or not f.exists():
+            return
+        state = json.loads(f.read_text())
+        wc_state = state.get("wc")
+        if wc_state and state.get("budget") == self.focus.budget:
+            wc = WorkingContext.from_dict(wc_state)
+            if wc.num_tokens == self.num_tokens:
+                self.wc = wc
+                self._cache = _Cache()
+
+
+def build_modules(cfg: Config, base: BaseModel) -> tuple[GistNet, LensNet]:
+    """Fresh (untrained) GistNet and LensNet sized for `base`, in eval mode."""
+    torch.manual_seed(cfg.seed)
+    gistnet = GistNet(cfg.gistnet, base.dim, cfg.tree.block_size, cfg.tree.levels).eval()
+    lensnet = LensNet(cfg.lensnet, base.dim, cfg.tree.levels).eval()
+    return gistnet, lensnet
+
+
+def make_gister(base: BaseModel, gistnet: GistNet) -> TreeGister:
+    return TreeGister(gistnet, base.model.get_input_embeddings())
+
+
+# --------------------------------------------------------------------------- loading
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Short hash of a fast tokenizer's full definition (vocab, merges, normalizers)."""
+    import hashlib
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def load_session_modules(cfg: Config, checkpoint: str | None = "auto"):
+    """(base, gistnet, lensnet, checkpoint_path_or_None) for the runtime CLI.
+
+    `checkpoint`: a checkpoint folder, a run folder, "latest", "none", or "auto"
+    (latest when one exists under the artifact root, else untrained modules).
+    """
+    from megacontext.training.checkpoint import find_checkpoint, load_modules_from_checkpoint
+
+    base = BaseModel.from_config(cfg)
+    gistnet, lensnet = build_modules(cfg, base)
+    path = None
+    if checkpoint not in (None, "none"):
+        path = find_checkpoint(cfg, checkpoint, required=checkpoint != "auto")
+    if path is not None:
+        load_modules_from_checkpoint(path, base, gistnet, lensnet)
+    gistnet.to(base.device).eval()
+    lensnet.to(base.device).eval()
+    return base, gistnet, lensnet, path
+
+
+def open_or_create_tree(
+    cfg: Config, base: BaseModel, gistnet: GistNet, path: Path, create: bool
+) -> MegaContextTree:
+    """Open a disk tree checked against this base (model, tokenizer, dim); create if asked."""
+    gister = make_gister(base, gistnet)
+    tok_hash = tokenizer_fingerprint(base.tokenizer)
+    if path.exists() and any(path.iterdir()):
+        tree = MegaContextTree.open(path, gister, expect_model=base.name, expect_tokenizer=tok_hash)
+        if (tree.levels, tree.block_size) != (cfg.tree.levels, cfg.tree.block_size):
+            found = f"{tree.levels} levels, block size {tree.block_size}"
+            tree.close()
+            raise MegaContextError(
+                f"tree {path} has {found} but the config says tree.levels={cfg.tree.levels}, "
+                f"tree.block_size={cfg.tree.block_size}: use the config it was made with"
+            )
+        return tree
+    if not create:
+        raise MegaContextError(f"no tree at {path}")
+    return MegaContextTree.create_disk(
+        path,
+        cfg.tree.block_size,
+        cfg.tree.levels,
+        base.dim,
+        gister,
+        model_name=base.name,
+        tokenizer_hash=tok_hash,
+        gist_dtype=cfg.tree.gist_dtype,
+    )

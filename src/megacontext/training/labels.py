@@ -1,0 +1,306 @@
+"""Counterfactual focus labels for LensNet (JT2 and the LensNet warm start).
+
+For one snapshot (a working context over a window's history):
+
+1. sample up to ``candidates`` legal actions: expands (any gist entry; measured with the
+   budget raised by one block so that the expand itself fits) and collapses (sibling
+   groups outside the tail, :meth:`WorkingContext.collapsible_positions`);
+2. measure NLL@H of the snapshot and of every counterfactual window in batched,
+   left-padded base forwards; ``Δ = NLL(snapshot) - NLL(after action)``;
+3. put expand gains ``Δ_e`` and collapse harms ``h = -Δ_c`` on one scale:
+   ``θ`` = their median, ``s`` = 1.4826 * MAD (std when the MAD is 0) + eps, and
+   ``target = tanh((Δ_e - θ)/s)`` on the expanded gist entry (positive: expanding helps),
+   ``target = tanh((h - θ)/s)`` on each of the K collapsed entries (negative: collapsing
+   is harmless).
+
+Labels are written as Parquet (``labels.parquet``: one row per labelled entry;
+``snapshots.parquet``: one row per snapshot with its tokens and working context) and read
+back before training, so a resumed JT2 trains on exactly the same labels.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from megacontext.base_model import BaseModel
+from megacontext.errors import MegaContextError
+from megacontext.training.episode import HistorySource, LensInput, horizon_nll, lens_input
+from megacontext.working_context import WorkingContext, assemble
+
+MAD_TO_STD = 1.4826
+EPS = 1e-3
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One counterfactual action: ``expand`` the gist at ``pos`` or ``collapse`` K entries from ``pos``."""
+
+    kind: str
+    pos: int
+
+
+def sample_candidates(wc: WorkingContext, rng: np.random.Generator, limit: int) -> list[Candidate]:
+    """Up to ``limit`` candidates, half expands and half collapses when both exist."""
+    expands = np.flatnonzero(wc.levels_array() >= 1)
+    collapses = wc.collapsible_positions()
+    n_e = min(len(expands), max(limit // 2, limit - len(collapses)))
+    n_c = min(len(collapses), limit - n_e)
+    pick_e = np.sort(rng.choice(expands, n_e, replace=False)) if n_e else []
+    pick_c = np.sort(rng.choice(collapses, n_c, replace=False)) if n_c else []
+    return [Candidate("expand", int(p)) for p in pick_e] + [Candidate("collapse", int(p)) for p in pick_c]
+
+
+def apply_candidate(wc: WorkingContext, cand: Candidate) -> WorkingContext:
+    """A copy of ``wc`` with the action applied (budget raised so an expand fits)."""
+    out = wc.copy()
+    if cand.kind == "expand":
+        out.budget = max(out.budget, out.cost + out.block_size - 1)
+        out.expand(cand.pos)
+    else:
+        out.collapse(cand.pos)
+    return out
+
+
+@torch.no_grad()
+def measure(
+    base: BaseModel,
+    source: HistorySource,
+    wc: WorkingContext,
+    candidates: Sequence[Candidate],
+    horizon: np.ndarray,
+    position_mode: str,
+    chunk: int,
+) -> tuple[float, np.ndarray]:
+    """(NLL@H of the snapshot, NLL@H after each candidate [N]) in batched forwards."""
+    windows = [assemble(wc, source, position_mode)]
+    windows += [assemble(apply_candidate(wc, c), source, position_mode) for c in candidates]
+    out = []
+    for i in range(0, len(windows), chunk):
+        part = windows[i : i + chunk]
+        out.append(horizon_nll(base, part, np.stack([horizon] * len(part))).double().cpu())
+    nll = torch.cat(out).numpy()
+    return float(nll[0]), nll[1:]
+
+
+def signed_targets(kinds: Sequence[str], deltas: np.ndarray) -> np.ndarray:
+    """Per-candidate targets in (-1, 1) on one scale per snapshot (see module docstring).
+
+    kinds [N] ("expand" | "collapse"), deltas [N] = NLL(snapshot) - NLL(after) -> float32 [N].
+    """
+    if len(deltas) == 0:
+        return np.zeros(0, dtype=np.float32)
+    values = np.where(np.asarray(kinds) == "expand", deltas, -deltas)
+    theta = np.median(values)
+    scale = MAD_TO_STD * np.median(np.abs(values - theta))
+    if scale <= 0:
+        scale = float(np.std(values))
+    return np.tanh((values - theta) / (scale + EPS)).astype(np.float32)
+
+
+# ------------------------------------------------------------------------ records
+@dataclass
+class Snapshot:
+    """One labelled snapshot as stored in ``snapshots.parquet``."""
+
+    cycle: int
+    step: int
+    snapshot: int
+    doc_index: int
+    cursor: int
+    history: np.ndarray  # int64 [T]
+    horizon: np.ndarray  # int64 [H]
+    wc: WorkingContext
+    nll: float
+    gist_version: str
+
+
+@dataclass
+class LabelRows:
+    """Labelled entries of one snapshot (``labels.parquet`` rows)."""
+
+    candidate: list[int]
+    position: list[int]
+    level: list[int]
+    index: list[int]
+    action: list[str]
+    delta_nll: list[float]
+    target: list[float]
+
+
+def label_snapshot(
+    base: BaseModel,
+    source: HistorySource,
+    wc: WorkingContext,
+    horizon: np.ndarray,
+    rng: np.random.Generator,
+    limit: int,
+    position_mode: str,
+    chunk: int,
+) -> tuple[float, LabelRows]:
+    """Sample candidates, measure them, and expand them into per-entry label rows."""
+    cands = sample_candidates(wc, rng, limit)
+    nll0, after = measure(base, source, wc, cands, horizon, position_mode, chunk)
+    deltas = nll0 - after
+    targets = signed_targets([c.kind for c in cands], deltas)
+    rows = LabelRows([], [], [], [], [], [], [])
+    K = wc.block_size
+    for j, (c, d, t) in enumerate(zip(cands, deltas, targets)):
+        for p in [c.pos] if c.kind == "expand" else range(c.pos, c.pos + K):
+            level, index = wc.entries[p]
+            rows.candidate.append(j)
+            rows.position.append(p)
+            rows.level.append(level)
+            rows.index.append(index)
+            rows.action.append(c.kind)
+            rows.delta_nll.append(float(d))
+            rows.target.append(float(t))
+    return nll0, rows
+
+
+# ------------------------------------------------------------------------ parquet
+SNAPSHOTS = "snapshots.parquet"
+LABELS = "labels.parquet"
+
+
+def _write_atomic(table: pa.Table, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_labels(folder: Path, snapshots: Sequence[Snapshot], rows: Sequence[LabelRows]) -> None:
+    """Write ``snapshots.parquet`` and ``labels.parquet`` (rows[i] belongs to snapshots[i])."""
+    folder.mkdir(parents=True, exist_ok=True)
+    snap_table = pa.table(
+        {
+            "cycle": [s.cycle for s in snapshots],
+            "step": [s.step for s in snapshots],
+            "snapshot": [s.snapshot for s in snapshots],
+            "doc_index": [s.doc_index for s in snapshots],
+            "cursor": [s.cursor for s in snapshots],
+            "history": pa.array([s.history.astype(np.int32) for s in snapshots], pa.list_(pa.int32())),
+            "horizon": pa.array([s.horizon.astype(np.int32) for s in snapshots], pa.list_(pa.int32())),
+            "working_context": [json.dumps(s.wc.to_dict()) for s in snapshots],
+            "nll": pa.array([s.nll for s in snapshots], pa.float64()),
+            "gist_version": [s.gist_version for s in snapshots],
+        }
+    )
+    cols: dict[str, list[Any]] = {k: [] for k in ("cycle", "step", "snapshot", "gist_version")}
+    for s, r in zip(snapshots, rows):
+        n = len(r.candidate)
+        cols["cycle"] += [s.cycle] * n
+        cols["step"] += [s.step] * n
+        cols["snapshot"] += [s.snapshot] * n
+        cols["gist_version"] += [s.gist_version] * n
+    label_table = pa.table(
+        {
+            "cycle": pa.array(cols["cycle"], pa.int32()),
+            "step": pa.array(cols["step"], pa.int32()),
+            "snapshot": pa.array(cols["snapshot"], pa.int32()),
+            "candidate": pa.array([c for r in rows for c in r.candidate], pa.int32()),
+            "position": pa.array([p for r in rows for p in r.position], pa.int32()),
+            "level": pa.array([v for r in rows for v in r.level], pa.int8()),
+            "index": pa.array([v for r in rows for v in r.index], pa.int64()),
+            "action": pa.array([v for r in rows for v in r.action], pa.string()),
+            "delta_nll": pa.array([v for r in rows for v in r.delta_nll], pa.float64()),
+            "target": pa.array([v for r in rows for v in r.target], pa.float32()),
+            "gist_version": pa.array(cols["gist_version"], pa.string()),
+        }
+    )
+    _write_atomic(snap_table, folder / SNAPSHOTS)
+    _write_atomic(label_table, folder / LABELS)
+
+
+def read_labels(folder: Path) -> tuple[list[Snapshot], list[LabelRows]]:
+    """Inverse of :func:`write_labels` (same order)."""
+    if not (folder / SNAPSHOTS).is_file() or not (folder / LABELS).is_file():
+        raise MegaContextError(f"no focus labels in {folder} (expected {SNAPSHOTS} and {LABELS})")
+    snaps = pq.read_table(folder / SNAPSHOTS).to_pylist()
+    labels = pq.read_table(folder / LABELS).to_pydict()
+    by_key: dict[tuple[int, int], LabelRows] = {}
+    for i in range(len(labels["step"])):
+        key = (labels["step"][i], labels["snapshot"][i])
+        r = by_key.setdefault(key, LabelRows([], [], [], [], [], [], []))
+        r.candidate.append(labels["candidate"][i])
+        r.position.append(labels["position"][i])
+        r.level.append(labels["level"][i])
+        r.index.append(labels["index"][i])
+        r.action.append(labels["action"][i])
+        r.delta_nll.append(labels["delta_nll"][i])
+        r.target.append(labels["target"][i])
+    snapshots, rows = [], []
+    for s in snaps:
+        snapshots.append(
+            Snapshot(
+                cycle=s["cycle"],
+                step=s["step"],
+                snapshot=s["snapshot"],
+                doc_index=s["doc_index"],
+                cursor=s["cursor"],
+                history=np.asarray(s["history"], dtype=np.int64),
+                horizon=np.asarray(s["horizon"], dtype=np.int64),
+                wc=WorkingContext.from_dict(json.loads(s["working_context"])),
+                nll=s["nll"],
+                gist_version=s["gist_version"],
+            )
+        )
+        rows.append(by_key.get((s["step"], s["snapshot"]), LabelRows([], [], [], [], [], [], [])))
+    return snapshots, rows
+
+
+# ------------------------------------------------------------------------ training
+@dataclass
+class LensExample:
+    """One snapshot ready for the LensNet losses (all per-entry tensors ``[W]``)."""
+
+    inputs: LensInput
+    targets: torch.Tensor  # float [W], 0 where unlabelled
+    labelled: torch.Tensor  # bool [W]
+    expandable: torch.Tensor  # bool [W]: gist entries
+    collapsible: torch.Tensor  # bool [W]: members of a legal sibling group
+    groups: list[torch.Tensor]  # entry positions of each candidate
+    candidate_targets: torch.Tensor  # float [N]
+
+
+def lens_example(
+    wc: WorkingContext, source: HistorySource, rows: LabelRows, lensnet: torch.nn.Module, position_mode: str
+) -> LensExample:
+    """Assemble the snapshot (no grad) and lay its labels out per entry."""
+    K, W = wc.block_size, wc.cost
+    with torch.no_grad():
+        asm = assemble(wc, source, position_mode)
+        inputs = lens_input(wc, asm, source, lensnet, K, wc.levels)
+    targets = torch.zeros(W)
+    labelled = torch.zeros(W, dtype=torch.bool)
+    pos = torch.as_tensor(rows.position, dtype=torch.long)
+    targets[pos] = torch.as_tensor(rows.target, dtype=torch.float32)
+    labelled[pos] = True
+    collapsible = torch.zeros(W, dtype=torch.bool)
+    for g in wc.collapsible_positions().tolist():
+        collapsible[g : g + K] = True
+    groups: dict[int, list[int]] = {}
+    cand_t: dict[int, float] = {}
+    for c, p, t in zip(rows.candidate, rows.position, rows.target):
+        groups.setdefault(c, []).append(p)
+        cand_t[c] = t
+    order = sorted(groups)
+    return LensExample(
+        inputs=inputs,
+        targets=targets,
+        labelled=labelled,
+        expandable=torch.as_tensor(wc.levels_array() >= 1),
+        collapsible=collapsible,
+        groups=[torch.as_tensor(groups[c], dtype=torch.long) for c in order],
+        candidate_targets=torch.as_tensor([cand_t[c] for c in order], dtype=torch.float32),
+    )

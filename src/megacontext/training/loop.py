@@ -1,0 +1,400 @@
+"""`megacontext train`: warm start, then cycles of JT1 -> JT2 -> JT3 (spec §4).
+
+Read :func:`train` top to bottom. The schedule is a flat list of phases::
+
+    c0 warm_gist, c0 warm_lens, c1 jt1, c1 jt2, c1 jt3, c2 jt1, ...
+
+Each phase builds an AdamW over ONLY its owner's parameters (linear warmup + cosine), runs
+its steps under ``accelerate`` (windows and every stochastic choice of step ``s`` come from
+``derive_seed(seed, cycle, phase, s)``), then validates (loss@H at the budget for
+megacontext / recency / reference, swap rate, residency) and checkpoints. Mid-phase
+checkpoints every ``train.checkpoint_every`` steps make a SIGKILL cost at most that many
+steps; ``--resume`` replays the rest bit-identically on CPU.
+
+Data parallelism (``accelerate launch``): each process takes its share of every step's
+windows and gradients are averaged explicitly before the step — the modules are not
+DDP-wrapped because which one trains flips between phases; only the main process writes
+labels and checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import yaml
+from accelerate import Accelerator
+
+from megacontext.base_model import BaseModel
+from megacontext.config import Config, TrainConfig, derive_seed, dump_yaml
+from megacontext.data import Window, WindowSampler, prepare_dataset
+from megacontext.errors import MegaContextError
+from megacontext.telemetry import Telemetry
+from megacontext.training.checkpoint import (
+    Checkpoint,
+    CheckpointWarning,
+    checkpoint_name,
+    resolve_resume,
+    save_checkpoint,
+)
+from megacontext.training.labels import LensExample, read_labels, write_labels
+from megacontext.training.phases import (
+    PHASE_OWNER,
+    Modules,
+    StepOutput,
+    build_modules,
+    jt1_step,
+    jt3_step,
+    label_step,
+    lens_examples,
+    lens_step,
+    validate,
+    warm_gist_step,
+)
+
+PHASE_STEPS = {
+    "warm_gist": "warm_gist_steps",
+    "warm_lens": "warm_lens_steps",
+    "jt1": "jt1_steps",
+    "jt2": "jt2_steps",
+    "jt3": "jt3_steps",
+}
+PHASE_LR = {"gistnet": "lr_gist", "lensnet": "lr_lens", "lora": "lr_lora"}
+# Window-driven phases; the LensNet phases (warm_lens, jt2) train on labels via lens_step.
+STEP_FUNCTIONS: dict[str, Callable[..., StepOutput]] = {"warm_gist": warm_gist_step, "jt1": jt1_step, "jt3": jt3_step}
+
+
+# ------------------------------------------------------------------------ schedule
+@dataclass(frozen=True)
+class PhasePlan:
+    cycle: int  # 0 = warm start
+    phase: str  # warm_gist | warm_lens | jt1 | jt2 | jt3
+    steps: int
+
+    @property
+    def name(self) -> str:
+        return checkpoint_name(self.cycle, self.phase)
+
+
+def schedule(t: TrainConfig) -> list[PhasePlan]:
+    """Every phase with at least one step, in training order."""
+    plan = [PhasePlan(0, p, getattr(t, PHASE_STEPS[p])) for p in ("warm_gist", "warm_lens")]
+    for c in range(1, t.cycles + 1):
+        plan += [PhasePlan(c, p, getattr(t, PHASE_STEPS[p])) for p in ("jt1", "jt2", "jt3")]
+    return [p for p in plan if p.steps > 0]
+
+
+def make_optimizer(
+    params: list[torch.nn.Parameter], lr: float, t: TrainConfig, steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW + linear warmup (``warmup_fraction`` of the steps) + cosine decay to 0."""
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=t.weight_decay)
+    warmup = max(1, round(t.warmup_fraction * steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def plateaued(losses: list[float], patience: int, tolerance: float) -> bool:
+    """True when the last ``patience`` cycle-end losses improved on the best before them by
+    less than ``tolerance`` (``patience`` 0 never stops)."""
+    if patience <= 0 or len(losses) <= patience:
+        return False
+    return min(losses[-patience:]) > min(losses[:-patience]) - tolerance
+
+
+# ------------------------------------------------------------------------ state
+@dataclass
+class TrainState:
+    """Where training stands; saved in every checkpoint's state.json."""
+
+    done: list[str] = field(default_factory=list)  # names of finished phases
+    phase: str = ""  # the unfinished phase (name), "" between phases
+    step: int = 0  # steps done in the unfinished phase
+    global_step: int = 0
+    validation: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per finished phase
+    gist_versions: dict[str, str] = field(default_factory=dict)  # phase name -> gist version after it
+    telemetry_offsets: dict[str, int] = field(default_factory=dict)
+
+    def cycle_end_losses(self, plan: list[PhasePlan]) -> list[float]:
+        last = {}
+        for p in plan:
+            if p.cycle > 0:
+                last[p.cycle] = p.name
+        ends = set(last.values())
+        return [row["loss_megacontext"] for row in self.validation if row["name"] in ends]
+
+
+# ------------------------------------------------------------------------ run folder
+def resolve_run_dir(cfg: Config, out_dir: str | os.PathLike | None, resume: str | None) -> Path:
+    """``--out``; else the run of the ``--resume`` checkpoint; else a new timestamped run."""
+    runs = cfg.artifact_root / "runs"
+    if out_dir is not None:
+        run_dir = Path(out_dir).expanduser().resolve()
+    elif resume not in (None, "latest"):
+        run_dir = Path(resume).expanduser().resolve().parent.parent  # type: ignore[arg-type]
+    elif resume == "latest":
+        found = sorted(p for p in runs.glob("*") if (p / "checkpoints").is_dir()) if runs.is_dir() else []
+        if not found:
+            raise MegaContextError(f"--resume latest: no run with checkpoints under {runs} (pass --out RUN_DIR)")
+        run_dir = found[-1]
+    else:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_dir = runs / f"{stamp}-{cfg.fingerprint()[:8]}"
+    if resume is None and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+        raise MegaContextError(f"{run_dir} already holds a training run: add --resume latest, or pick another --out")
+    return run_dir
+
+
+# ------------------------------------------------------------------------ one phase
+@dataclass
+class Context:
+    """Everything a phase needs, built once by :func:`train`."""
+
+    cfg: Config
+    run_dir: Path
+    modules: Modules
+    accelerator: Accelerator
+    telemetry: Telemetry
+    train_docs: list[np.ndarray]
+    val_windows: list[Window]
+    state: TrainState
+    baselines: dict[str, dict[str, float]] = field(default_factory=dict)  # validate()'s cache
+
+
+def _sampler(ctx: Context, *key: Any) -> WindowSampler:
+    t = ctx.cfg.train
+    return WindowSampler(ctx.train_docs, t.horizon, t.history_min, t.history_max, "random", derive_seed(ctx.cfg.seed, *key))
+
+
+def phase_labels(ctx: Context, plan: PhasePlan, regenerate: bool) -> list[list[LensExample]]:
+    """LensNet examples per label step of a lens phase, read back from ``deltas/cycle<c>/``.
+
+    Training step ``s`` uses label step ``s // train.label_reuse``. ``regenerate``: build
+    the labels with the current (frozen) GistNet and LensNet first — at the start of every
+    LensNet phase; a resumed mid-phase run reads the saved ones.
+    """
+    cfg, m = ctx.cfg, ctx.modules
+    m.set_trainable(None)
+    folder = ctx.run_dir / "deltas" / f"cycle{plan.cycle}"
+    label_steps = -(-plan.steps // cfg.train.label_reuse)
+    if regenerate and ctx.accelerator.is_main_process:
+        sampler = _sampler(ctx, plan.cycle, plan.phase, "labels")
+        version = m.gist_version()
+        snapshots, rows = [], []
+        ctx.telemetry.start_phase(f"c{plan.cycle} {plan.phase} labels", label_steps, 0)
+        for step in range(label_steps):
+            rng = np.random.default_rng(derive_seed(cfg.seed, plan.cycle, plan.phase, "labels", step))
+            windows = sampler.batch(step, cfg.train.label_snapshots)
+            s, r = label_step(m, cfg, windows, rng, plan.cycle, step, plan.phase == "jt2", version)
+            snapshots += s
+            rows += r
+            ctx.telemetry.advance()
+        ctx.telemetry.end_phase()
+        write_labels(folder, snapshots, rows)
+    ctx.accelerator.wait_for_everyone()
+    snapshots, rows = read_labels(folder)
+    by_step: list[list[LensExample]] = [[] for _ in range(label_steps)]
+    examples = lens_examples(m, cfg, snapshots, rows)
+    for s, e in zip(snapshots, examples):
+        by_step[s.step].append(e)
+    return by_step
+
+
+def run_phase(ctx: Context, plan: PhasePlan, resume_from: Checkpoint | None) -> None:
+    """Train one phase from ``ctx.state.step``, then validate and checkpoint it."""
+    cfg, m, acc, tel, state = ctx.cfg, ctx.modules, ctx.accelerator, ctx.telemetry, ctx.state
+    t_start = time.perf_counter()
+    owner = PHASE_OWNER[plan.phase]
+    start = state.step if state.phase == plan.name else 0
+    examples = phase_labels(ctx, plan, regenerate=start == 0) if owner == "lensnet" else None
+    m.set_trainable(owner)
+    params = m.parameters_of(owner)
+    optimizer, scheduler = make_optimizer(params, getattr(cfg.train, PHASE_LR[owner]), cfg.train, plan.steps)
+    if start > 0:
+        saved = resume_from.optimizer_state() if resume_from is not None else None
+        if saved is None:
+            raise MegaContextError(f"checkpoint for {plan.name} step {start} has no optimiser state")
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+    state.phase, state.step = plan.name, start
+    optimizer, scheduler = acc.prepare(optimizer, scheduler)
+
+    sampler = _sampler(ctx, plan.cycle, plan.phase)
+    step_fn = STEP_FUNCTIONS.get(plan.phase)
+    tel.start_phase(f"c{plan.cycle} {plan.phase}", plan.steps, start)
+    for step in range(start, plan.steps):
+        rng = np.random.default_rng(derive_seed(cfg.seed, plan.cycle, plan.phase, step))
+        torch.manual_seed(derive_seed(cfg.seed, plan.cycle, plan.phase, step, "torch"))
+        optimizer.zero_grad(set_to_none=True)
+        if examples is not None:
+            batch = examples[step // cfg.train.label_reuse]
+            out = lens_step(m, cfg, batch[acc.process_index :: acc.num_processes])
+        else:
+            windows = sampler.batch(step, cfg.train.batch_size)[acc.process_index :: acc.num_processes]
+            out = step_fn(m, cfg, windows, rng)  # type: ignore[misc]
+        acc.backward(out.loss)
+        _average_gradients(acc, params)
+        grad_norm = acc.clip_grad_norm_(params, cfg.train.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        state.step, state.global_step = step + 1, state.global_step + 1
+        metrics = {**out.metrics, "grad_norm": float(grad_norm), "lr": float(scheduler.get_last_lr()[0])}
+        tel.log_step(plan.phase, plan.cycle, step, state.global_step, metrics)
+        every = cfg.train.checkpoint_every
+        if every > 0 and state.step % every == 0 and state.step < plan.steps:
+            opt_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+            _checkpoint(ctx, checkpoint_name(plan.cycle, plan.phase, state.step), opt_state)
+    tel.end_phase()
+
+    m.set_trainable(None)
+    metrics, traces = validate(m, cfg, ctx.val_windows, ctx.baselines)
+    version = m.gist_version()
+    row = {"cycle": plan.cycle, "phase": plan.phase, "name": plan.name, "steps": plan.steps,
+           "gist_version": version, **metrics}
+    tel.log_validation(row, state.global_step)
+    tel.log_traces(plan.name, traces)
+    state.validation.append(row)
+    state.done.append(plan.name)
+    state.phase, state.step = "", 0
+    state.gist_versions[plan.name] = version
+    state.timings[plan.name] = state.timings.get(plan.name, 0.0) + time.perf_counter() - t_start
+    _checkpoint(ctx, plan.name, None)
+
+
+def _average_gradients(acc: Accelerator, params: list[torch.nn.Parameter]) -> None:
+    """Data parallelism: mean of every gradient over processes (no-op in one process)."""
+    if acc.num_processes == 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            p.grad.copy_(acc.reduce(p.grad, reduction="mean"))
+
+
+def _checkpoint(ctx: Context, name: str, optimizer_state: dict | None) -> None:
+    """Checkpoint ``name`` (main process only) with the telemetry offsets it covers."""
+    if not ctx.accelerator.is_main_process:
+        return
+    ctx.state.telemetry_offsets = ctx.telemetry.offsets()
+    m = ctx.modules
+    save_checkpoint(
+        ctx.run_dir / "checkpoints",
+        name,
+        gistnet=m.gistnet,
+        lensnet=m.lensnet,
+        lora=m.lora,
+        state=asdict(ctx.state),
+        config_text=dump_yaml(ctx.cfg),
+        optimizer_state=optimizer_state,
+    )
+
+
+def restore(ckpt: Checkpoint, cfg: Config, m: Modules, telemetry: Telemetry) -> TrainState:
+    """Load weights and RNG states, cut telemetry back to the checkpoint, return its state."""
+    saved = yaml.safe_load((ckpt.path / "config.yaml").read_text()) or {}
+    now = cfg.to_dict()
+    for d in (saved, now):  # settings that do not change what is computed
+        d.get("train", {}).pop("cycles", None)
+        d.pop("paths", None)
+        d.pop("wandb", None)
+    if saved != now:
+        warnings.warn(f"the config differs from the one {ckpt.path.name} was trained with; the run will not replay exactly")
+    ckpt.load_module("gistnet", m.gistnet)
+    ckpt.load_module("lensnet", m.lensnet)
+    if m.lora is not None:
+        ckpt.load_lora(m.lora)
+    ckpt.restore_rng()
+    state = TrainState(**ckpt.state)
+    telemetry.truncate(state.telemetry_offsets)
+    return state
+
+
+# ------------------------------------------------------------------------ entry point
+def train(
+    cfg: Config,
+    out_dir: str | os.PathLike | None = None,
+    cycles: int | None = None,
+    resume: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Warm start + ``cycles`` x (JT1 -> JT2 -> JT3); returns the run summary (also
+    ``RUN_DIR/summary.json``). ``resume``: "latest" or a checkpoint folder."""
+    if cfg.train.label_reuse < 1:
+        raise MegaContextError(f"train.label_reuse must be at least 1, got {cfg.train.label_reuse}")
+    if cycles is not None:
+        if cycles < 1:
+            raise MegaContextError(f"--cycles must be at least 1, got {cycles}")
+        cfg.train.cycles = cycles
+    t0 = time.perf_counter()
+    run_dir = resolve_run_dir(cfg, out_dir, resume)
+    ckpt = None
+    if resume is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", CheckpointWarning)
+            ckpt = resolve_resume(run_dir / "checkpoints", resume)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / "config.yaml").exists():
+        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+
+    t = cfg.train
+    base = BaseModel.from_config(cfg)
+    data = prepare_dataset(cfg, progress=progress)
+    val_sampler = WindowSampler(
+        data.documents("val"), t.horizon, t.history_min, t.history_max, "random", derive_seed(cfg.seed, "validation")
+    )
+    modules = build_modules(cfg, base)
+    accelerator = Accelerator(cpu=base.device.type == "cpu")
+    telemetry = Telemetry(run_dir, cfg, progress)
+    state = restore(ckpt, cfg, modules, telemetry) if ckpt is not None else TrainState()
+    ctx = Context(
+        cfg=cfg,
+        run_dir=run_dir,
+        modules=modules,
+        accelerator=accelerator,
+        telemetry=telemetry,
+        train_docs=data.documents("train"),
+        val_windows=val_sampler.batch(0, t.val_windows),
+        state=state,
+    )
+
+    plan = schedule(t)
+    stopped_early = False
+    try:
+        for p in plan:
+            if p.name in state.done:
+                continue
+            if plateaued(state.cycle_end_losses(plan), t.plateau_patience, t.plateau_tolerance):
+                stopped_early = True
+                break
+            run_phase(ctx, p, ckpt if state.phase == p.name else None)
+    finally:
+        telemetry.close()
+
+    summary = {
+        "run_dir": str(run_dir),
+        "validation": state.validation,
+        "final": state.validation[-1] if state.validation else {},
+        "checkpoint": str(run_dir / "checkpoints" / state.done[-1]) if state.done else None,
+        "phases_done": state.done,
+        "stopped_early": stopped_early,
+        "timings_s": {**state.timings, "this_session": time.perf_counter() - t0},
+        "total_phase_s": sum(state.timings.values()),
+    }
+    if accelerator.is_main_process:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True, default=str))
+    return summary

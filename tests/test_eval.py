@@ -1,0 +1,266 @@
+"""Evaluation: policies at equal budget, loss@H, passkey, timing, eval.json, the eval CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from megacontext.cli import main
+from megacontext.config import Config
+from megacontext.data import make_passkey
+from megacontext.eval.evaluate import EvalModules, EvalOptions, evaluate, load_eval_modules, select_windows
+from megacontext.eval.passkey import answer_correct
+from megacontext.eval.policies import POLICIES, RAW_POLICIES, PolicyModules, policy_window, sinks_ids
+from megacontext.eval.results import (
+    EVAL_KEYS,
+    PASSKEY_KEYS,
+    RESULT_KEYS,
+    TIMING_KEYS,
+    delta_standard_errors,
+    gap_closed,
+)
+from megacontext.runtime import build_modules
+from megacontext.training.checkpoint import save_checkpoint
+from megacontext.training.episode import raw_prefix
+
+BUDGETS = [96, 128]
+
+
+def _cli_sets(cfg: Config) -> list[str]:
+    return ["--config", "smoke", "--set", f"paths.data_root={cfg.paths.data_root}",
+            "--set", f"paths.artifact_root={cfg.paths.artifact_root}", "--set", "eval.passkey_trials=1",
+            "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def untrained(smoke_cfg, smoke_base) -> EvalModules:
+    gistnet, lensnet = build_modules(smoke_cfg, smoke_base)
+    return EvalModules(smoke_base, smoke_base, gistnet, lensnet, None)
+
+
+@pytest.fixture(scope="module")
+def eval_run(smoke_cfg, smoke_data, untrained):
+    opts = EvalOptions.from_config(smoke_cfg)
+    opts.budgets = BUDGETS
+    return evaluate(smoke_cfg, untrained, opts, progress=False, say=lambda _m: None)
+
+
+def test_eval_json_has_exactly_the_schema(eval_run, smoke_cfg):
+    data = json.loads(json.dumps(eval_run.json))  # JSON-serialisable as is
+    assert tuple(data) == EVAL_KEYS
+    assert all(tuple(r) == RESULT_KEYS for r in data["results"])
+    assert all(tuple(r) == PASSKEY_KEYS for r in data["passkey"])
+    assert tuple(data["timing"]) == TIMING_KEYS
+    assert set(data["gap_closed"]) == {str(b) for b in BUDGETS}
+    assert data["horizon"] == smoke_cfg.train.horizon and data["block_size"] == smoke_cfg.tree.block_size
+    assert data["split"] == "test" and data["cursor"] == smoke_cfg.eval.cursor
+
+
+def test_every_policy_evaluated_on_the_same_windows(eval_run, smoke_cfg):
+    rows = eval_run.json["results"]
+    assert {(r["budget"], r["policy"]) for r in rows} == {(b, p) for b in BUDGETS for p in POLICIES}
+    assert all(r["n_windows"] == smoke_cfg.eval.windows for r in rows)
+    for r in rows:
+        assert math.isfinite(r["loss_at_h"]) and r["loss_at_h"] > 0
+    ref = {r["budget"]: r["loss_at_h"] for r in rows if r["policy"] == "reference"}
+    assert ref[BUDGETS[0]] == ref[BUDGETS[1]]  # the reference does not depend on the budget
+    for r in rows:
+        assert r["delta_nll_vs_reference"] == pytest.approx(r["loss_at_h"] - ref[r["budget"]], abs=1e-9)
+    for b, share in eval_run.json["gap_closed"].items():
+        by = {r["policy"]: r["loss_at_h"] for r in rows if r["budget"] == int(b)}
+        expect = (by["recency"] - by["megacontext"]) / (by["recency"] - by["reference"])
+        assert share == pytest.approx(expect)
+
+
+def test_windows_respect_the_budget_and_gist_policies_use_gists(eval_run, smoke_cfg):
+    """§8: with history > budget the megacontext window must contain gists (no sliding window)."""
+    history = len(eval_run.windows[0].history)
+    assert all(len(w.history) == history > max(BUDGETS) for w in eval_run.windows)
+    assert all(len(w.horizon) == smoke_cfg.train.horizon for w in eval_run.windows)
+    for (budget, policy), st in eval_run.stats.items():
+        assert len(st.costs) == len(eval_run.windows)
+        if policy != "reference":
+            assert max(st.costs) <= budget, (budget, policy)
+        if policy in RAW_POLICIES:
+            assert sum(st.gist_entries) == 0
+        else:
+            assert min(st.gist_entries) > 0, (budget, policy)
+    ref_cost = eval_run.stats[(BUDGETS[0], "reference")].costs
+    assert min(ref_cost) == min(history, smoke_cfg.base.max_context - smoke_cfg.train.horizon) > max(BUDGETS)
+
+
+def test_passkey_rows_cover_the_grid(eval_run, smoke_cfg):
+    e = smoke_cfg.eval
+    rows = eval_run.json["passkey"]
+    expect = {(b, n, d, p) for b in BUDGETS for n in e.passkey_lengths for d in e.passkey_depths for p in POLICIES}
+    assert {(r["budget"], r["history_tokens"], r["depth"], r["policy"]) for r in rows} == expect
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["n"] == e.passkey_trials for r in rows)
+    assert all((r["accuracy"] * r["n"]).is_integer() for r in rows)
+
+
+def test_timing_is_measured(eval_run):
+    t = eval_run.json["timing"]
+    assert all(t[k] is not None and t[k] > 0 for k in TIMING_KEYS)
+
+
+def test_gap_closed_formula():
+    def rows(ref, rec, mc):
+        return [{"budget": 64, "policy": p, "loss_at_h": v} for p, v in
+                (("reference", ref), ("recency", rec), ("megacontext", mc))]
+
+    assert gap_closed(rows(2.0, 3.0, 2.25)) == {"64": pytest.approx(0.75)}
+    assert gap_closed(rows(2.0, 3.0, 3.5)) == {"64": pytest.approx(-0.5)}  # worse than recency
+    assert gap_closed(rows(2.0, 2.0, 2.5)) == {"64": None}  # no gap to close
+
+
+def test_delta_standard_error_is_paired():
+    losses = {(64, "reference"): [1.0, 2.0, 3.0], (64, "recency"): [1.5, 2.5, 3.5], (64, "sinks"): [1.0, 3.0, 3.0]}
+    se = delta_standard_errors(losses)
+    assert se[(64, "reference")] is None
+    assert se[(64, "recency")] == 0.0  # a constant shift per window: no noise in the paired difference
+    assert se[(64, "sinks")] == pytest.approx(np.std([0.0, 1.0, 0.0], ddof=1) / np.sqrt(3))
+
+
+def test_sinks_keep_the_first_and_newest_tokens():
+    h = np.arange(1000)
+    out = sinks_ids(h, 100, 4)
+    assert len(out) == 100
+    assert out[:4].tolist() == [0, 1, 2, 3] and out[4:].tolist() == list(range(904, 1000))
+    assert sinks_ids(h[:50], 100, 4).tolist() == list(range(50))
+
+
+def test_policy_windows_see_the_newest_tokens(smoke_cfg, smoke_base, untrained):
+    """Every policy ends with the token right before the cursor, at LOD0 (the raw tail)."""
+    mods = PolicyModules.from_config(smoke_cfg, smoke_base, smoke_base, untrained.gistnet, untrained.lensnet)
+    from megacontext.training.episode import build_source
+
+    history = np.random.default_rng(0).integers(0, 500, size=700)
+    source = build_source(smoke_base, untrained.gistnet, history, 32, 2)
+    last = smoke_base.embed(torch.as_tensor(history[-1:]))[0]
+    for policy in POLICIES:
+        pw = policy_window(policy, mods, history, source, 128, 32, np.random.default_rng(0))
+        torch.testing.assert_close(pw.prefix.embeds[-1].float(), last.float())
+
+
+def test_select_windows_end_cursor_uses_distinct_document_ends():
+    docs = [np.arange(n) for n in (300, 50, 400, 500)]
+    ws = select_windows(docs, 200, 16, "end", 10, seed=3)
+    assert sorted(w.doc_index for w in ws) == [0, 2, 3]  # the short document is skipped
+    for w in ws:
+        doc = docs[w.doc_index]
+        assert w.horizon.tolist() == doc[-16:].tolist() and w.history.tolist() == doc[-216:-16].tolist()
+    rnd = select_windows(docs, 200, 16, "random", 5, seed=3)
+    assert len(rnd) == 5 and all(len(w.history) == 200 for w in rnd)
+    assert [w.cursor for w in rnd] == [w.cursor for w in select_windows(docs, 200, 16, "random", 5, seed=3)]
+
+
+@torch.no_grad()
+def test_passkey_exact_match_equals_greedy_decoding(smoke_base, smoke_data):
+    rng = np.random.default_rng(5)
+    ex = make_passkey(rng, smoke_base.tokenizer, smoke_data.documents("test"), 300, 0.5)
+    prefix = raw_prefix(smoke_base, ex.prompt)
+    ids = list(ex.prompt)
+    greedy = []
+    for _ in range(len(ex.answer)):  # plain greedy decoding, one token at a time
+        emb = smoke_base.embed(torch.as_tensor(ids))[None]
+        logits = smoke_base.forward(emb, torch.arange(len(ids))[None]).logits[0, -1]
+        greedy.append(int(logits.argmax()))
+        ids.append(greedy[-1])
+    assert answer_correct(smoke_base, [prefix], np.asarray(greedy)) == [True]
+    assert answer_correct(smoke_base, [prefix], ex.answer) == [greedy == ex.answer.tolist()]
+    wrong = np.asarray(greedy)
+    wrong[-1] = (wrong[-1] + 1) % len(smoke_base.tokenizer)
+    assert answer_correct(smoke_base, [prefix], wrong) == [False]
+
+
+# ---------------------------------------------------------------------------- checkpoints
+@pytest.fixture(scope="module")
+def fake_checkpoint(smoke_cfg, smoke_base, tmp_path_factory) -> Path:
+    """A checkpoint with non-default GistNet/LensNet weights and a non-zero LoRA adapter."""
+    from megacontext.base_model import BaseModel
+    from megacontext.training.phases import build_modules as train_modules
+
+    base = BaseModel.from_config(smoke_cfg)  # gets adapters injected: not the shared fixture
+    m = train_modules(smoke_cfg, base)
+    torch.manual_seed(11)
+    with torch.no_grad():
+        for module in (m.gistnet, m.lensnet):
+            for p in module.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        for name, p in m.lora.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.05 * torch.randn_like(p))
+    root = tmp_path_factory.mktemp("run") / "checkpoints"
+    return save_checkpoint(root, "c1-jt3", gistnet=m.gistnet, lensnet=m.lensnet, lora=m.lora,
+                           state={}, config_text="")
+
+
+def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+@torch.no_grad()
+def _logits(base, ids: torch.Tensor) -> torch.Tensor:
+    return base.forward(base.embed(ids)[None], torch.arange(len(ids))[None]).logits
+
+
+def test_ablate_swaps_exactly_one_module(smoke_cfg, smoke_base, fake_checkpoint):
+    say = lambda _m: None  # noqa: E731
+    full = load_eval_modules(smoke_cfg, str(fake_checkpoint), None, say)
+    fresh_gist, fresh_lens = build_modules(smoke_cfg, smoke_base)
+    ids = torch.arange(40)
+    assert full.checkpoint == fake_checkpoint
+    assert not _same(full.gistnet, fresh_gist) and not _same(full.lensnet, fresh_lens)
+    # the adapted base reads gist windows; the plain one the raw baselines
+    assert not torch.allclose(_logits(full.base, ids), _logits(full.plain_base, ids))
+    torch.testing.assert_close(_logits(full.plain_base, ids), _logits(smoke_base, ids))
+
+    no_gist = load_eval_modules(smoke_cfg, str(fake_checkpoint), "gistnet", say)
+    assert _same(no_gist.gistnet, fresh_gist) and _same(no_gist.lensnet, full.lensnet)
+    no_lens = load_eval_modules(smoke_cfg, str(fake_checkpoint), "lensnet", say)
+    assert _same(no_lens.lensnet, fresh_lens) and _same(no_lens.gistnet, full.gistnet)
+    no_lora = load_eval_modules(smoke_cfg, str(fake_checkpoint), "lora", say)
+    assert _same(no_lora.gistnet, full.gistnet) and _same(no_lora.lensnet, full.lensnet)
+    torch.testing.assert_close(_logits(no_lora.base, ids), _logits(smoke_base, ids))
+
+
+def test_cli_eval_with_ablation_writes_eval_json(smoke_cfg, smoke_data, fake_checkpoint, capsys):
+    argv = ["eval", *_cli_sets(smoke_cfg), "--checkpoint", str(fake_checkpoint), "--windows", "2",
+            "--ablate", "lensnet"]
+    assert main(argv) == 0
+    out = fake_checkpoint.parent.parent / "eval-ablate-lensnet" / "eval.json"
+    data = json.loads(out.read_text())
+    assert tuple(data) == EVAL_KEYS and data["checkpoint"] == str(fake_checkpoint)
+    assert {r["n_windows"] for r in data["results"]} == {2}
+    printed = capsys.readouterr().out
+    assert "megacontext" in printed and "acceptance W=128" in printed and str(out) in printed
+
+
+def test_cli_eval_on_a_folder_of_python_files(smoke_cfg, smoke_data, tmp_path, capsys):
+    src = Path(sysconfig.get_paths()["stdlib"])
+    folder = tmp_path / "code"
+    folder.mkdir()
+    for name in ("textwrap.py", "shlex.py", "fractions.py", "bisect.py"):
+        shutil.copy(src / name, folder / name)
+    out = tmp_path / "out"
+    argv = ["eval", *_cli_sets(smoke_cfg), "--checkpoint", "none", "--data", f"files:{folder}/*.py",
+            "--windows", "3", "--out", str(out)]
+    assert main(argv) == 0
+    data = json.loads((out / "eval.json").read_text())
+    assert tuple(data) == EVAL_KEYS and data["data"].startswith("files-")
+    assert {r["n_windows"] for r in data["results"]} == {3}
+    assert all(math.isfinite(r["loss_at_h"]) for r in data["results"])
+    assert data["split"] in ("test", "train+val+test")
+
+
+def test_cli_eval_rejects_bad_budgets(smoke_cfg, capsys):
+    assert main(["eval", *_cli_sets(smoke_cfg), "--checkpoint", "none", "--budgets", "64"]) == 2
+    assert "budget 64" in capsys.readouterr().err
+    assert main(["eval", *_cli_sets(smoke_cfg), "--checkpoint", "none", "--budgets", "x,1"]) == 2
