@@ -31,8 +31,12 @@ The history lives in a tree (raw tokens, gists of 32-token blocks, gists of gist
 a learned focus policy picks a fixed-budget working context that the base model reads.
 
 Typical flow on the embedded default (CPU, offline):
+  megacontext run             # all of the below, into a new run folder
   megacontext prepare         # corpus -> tokenizer + Arrow shards
   megacontext pretrain-base   # the tiny Llama base (cached by content)
+  megacontext train           # warm start, then cycles of JT1 GistNet -> JT2 LensNet -> JT3 LoRA
+  megacontext eval            # loss@H per policy and budget, passkey, timing -> eval.json
+  megacontext ingest / generate --tree DIR   # a long session on disk
 
 Every subcommand takes --config PATH (YAML, or a name from configs/) and repeated
 --set section.key=value overrides. Precedence: command line > environment
