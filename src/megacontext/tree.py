@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from megacontext.errors import TreeError
+from megacontext.durable import fsync_dir
 
 MAGIC = b"MEGACTX\x00"
 FORMAT_VERSION = 1
@@ -397,14 +398,6 @@ class _RamStore:
         self._gists = self._empty_gists()
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_metadata(folder: Path, meta: _Meta) -> None:
     """Atomically replace metadata.json: write tmp, fsync, rename, fsync the folder."""
     tmp = folder / (METADATA_FILE + ".tmp")
@@ -413,7 +406,7 @@ def _write_metadata(folder: Path, meta: _Meta) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, folder / METADATA_FILE)
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
 def level_file(folder: Path, level: int) -> Path:
@@ -450,7 +443,7 @@ class _DiskStore:
                 f.write(_Header.for_level(meta, level, meta.gist_version).pack())
                 f.flush()
                 os.fsync(f.fileno())
-        _fsync_dir(path)
+        fsync_dir(path)
         _write_metadata(path, meta)
 
     @classmethod
@@ -569,7 +562,7 @@ class _DiskStore:
             self._maps[k] = None
         for k, p in enumerate(tmp_paths, start=1):
             os.replace(p, level_file(self.path, k))
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
         for k in range(1, self.meta.levels + 1):
             self._files[k] = open(level_file(self.path, k), "r+b")
         meta = replace(self.meta, gist_version=version)

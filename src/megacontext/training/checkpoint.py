@@ -36,6 +36,7 @@ from safetensors.torch import load_file
 
 from megacontext.config import Config
 from megacontext.errors import MegaContextError
+from megacontext.durable import fsync_dir
 from megacontext.gistnet import load_module, save_module
 
 PHASES = ("warm_gist", "warm_lens", "jt1", "jt2", "jt3")
@@ -89,15 +90,7 @@ def _fsync_tree(folder: Path) -> None:
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(folder)
 
 
 def verify_checkpoint(path: Path) -> None:
@@ -179,7 +172,7 @@ def save_checkpoint(
     with open(pointer, "rb") as f:
         os.fsync(f.fileno())
     os.replace(pointer, root / LATEST)
-    _fsync_dir(root)
+    fsync_dir(root)
     return final
 
 
