@@ -75,8 +75,8 @@ def test_every_policy_evaluated_on_the_same_windows(eval_run, smoke_cfg):
         assert r["delta_nll_vs_reference"] == pytest.approx(r["loss_at_h"] - ref[r["budget"]], abs=1e-9)
     for b, share in eval_run.json["gap_closed"].items():
         by = {r["policy"]: r["loss_at_h"] for r in rows if r["budget"] == int(b)}
-        expect = (by["recency"] - by["megacontext"]) / (by["recency"] - by["reference"])
-        assert share == pytest.approx(expect)
+        gap = by["recency"] - by["reference"]
+        assert share == (pytest.approx((by["recency"] - by["megacontext"]) / gap) if gap > 0 else None)
 
 
 def test_windows_respect_the_budget_and_gist_policies_use_gists(eval_run, smoke_cfg):
@@ -118,6 +118,7 @@ def test_gap_closed_formula():
     assert gap_closed(rows(2.0, 3.0, 2.25)) == {"64": pytest.approx(0.75)}
     assert gap_closed(rows(2.0, 3.0, 3.5)) == {"64": pytest.approx(-0.5)}  # worse than recency
     assert gap_closed(rows(2.0, 2.0, 2.5)) == {"64": None}  # no gap to close
+    assert gap_closed(rows(3.0, 2.0, 2.5)) == {"64": None}  # reference worse than recency: meaningless
 
 
 def test_delta_standard_error_is_paired():

@@ -10,7 +10,7 @@ import pytest
 
 from megacontext.cli import main
 from megacontext.eval.policies import PolicyModules
-from megacontext.eval.report import ReportInputs, lod_matrix, read_jsonl, write_report
+from megacontext.eval.report import ReportInputs, lod_matrix, read_jsonl, rolling_mean, write_report
 from megacontext.eval.timing import SessionTrace, trace_session
 from megacontext.runtime import build_modules
 
@@ -100,6 +100,12 @@ def test_report_survives_missing_inputs(tmp_path):
     for name in ("eval.json", "telemetry.jsonl", "validation.jsonl", "no checkpoint"):
         assert name in text
     assert not list(run.glob("report/*.png"))
+
+
+def test_rolling_mean_is_trailing():
+    y = np.arange(1.0, 40.0, 2.0)  # 20 points: a window of 2
+    assert rolling_mean(y).tolist() == [1.0, 2.0] + [(a + b) / 2 for a, b in zip(y[1:-1], y[2:])]
+    assert rolling_mean(y[:3]).tolist() == y[:3].tolist()  # fewer than 10 points: no smoothing
 
 
 def test_read_jsonl_skips_torn_lines(tmp_path):

@@ -138,14 +138,14 @@ class TrainConfig:
     history_min: int = 1024  # tokens of history before the cursor (sampled per window)
     history_max: int = 2048
     batch_size: int = 4
-    warm_gist_steps: int = 60
+    warm_gist_steps: int = 100
     warm_lens_steps: int = 30
     jt1_steps: int = 40
     jt2_steps: int = 30
-    jt3_steps: int = 20
+    jt3_steps: int = 60
     lr_gist: float = 1e-3
     lr_lens: float = 1e-3
-    lr_lora: float = 5e-4
+    lr_lora: float = 1e-4
     warmup_fraction: float = 0.1
     grad_clip: float = 1.0
     weight_decay: float = 0.01
@@ -161,6 +161,7 @@ class TrainConfig:
     lens_budget_weight: float = 0.1  # JT2: expand/collapse cost balance term
     lens_legality_weight: float = 0.1  # JT2: penalty on scores asking for impossible actions
     checkpoint_every: int = 0  # steps; 0 = only at phase ends
+    cpu_threads: int = 0  # torch CPU threads while training; 0 = torch's default. 1 avoids stalls on a shared CPU
     val_windows: int = 16
     plateau_patience: int = 0  # cycles without improvement before stopping; 0 = never stop early
     plateau_tolerance: float = 0.005

@@ -33,11 +33,14 @@ VALIDATION_COLUMNS = (
     ("loss_uniform_gists", "{:>9.4f}"),
     ("loss_recency", "{:>9.4f}"),
     ("loss_reference", "{:>9.4f}"),
+    ("loss_recency_adapted", "{:>9.4f}"),
     ("swap_rate", "{:>6.3f}"),
     ("residency_mean", "{:>6.2f}"),
     ("residency_p95", "{:>6.2f}"),
 )
-VALIDATION_HEADERS = ("cycle", "phase", "loss@H mc", "uniform", "recency", "reference", "swap", "res", "res95")
+VALIDATION_HEADERS = (
+    "cycle", "phase", "loss@H mc", "uniform", "recency", "reference", "rec+LoRA", "swap", "res", "res95"
+)
 
 
 def _clean(value: Any) -> Any:

@@ -129,8 +129,18 @@ def _main_metric(records: Sequence[dict]) -> str | None:
     return next((k for k in sorted(keys) if "loss" in k), None)
 
 
+def rolling_mean(y: np.ndarray, frac: float = 0.1) -> np.ndarray:
+    """Trailing mean over ``max(1, frac * len(y))`` points (same length as ``y``)."""
+    w = max(1, int(frac * len(y)))
+    c = np.concatenate([[0.0], np.cumsum(y, dtype=np.float64)])
+    idx = np.arange(1, len(y) + 1)
+    lo = np.maximum(0, idx - w)
+    return (c[idx] - c[lo]) / (idx - lo)
+
+
 def plot_training_curves(records: Sequence[dict], path: Path) -> Path | None:
-    """One panel per phase, one line per cycle of the phase's loss vs step."""
+    """One panel per phase, one line per cycle of the phase's loss vs step (faint: raw,
+    solid: trailing mean over a tenth of the phase)."""
     by_phase: dict[str, list[dict]] = defaultdict(list)
     for r in records:
         by_phase[str(r.get("phase"))].append(r)
@@ -148,7 +158,8 @@ def plot_training_curves(records: Sequence[dict], path: Path) -> Path | None:
                 by_cycle[int(r.get("cycle", 0))].append((int(r.get("step", 0)), float(v)))
         for cycle in sorted(by_cycle):
             xs, ys = zip(*sorted(by_cycle[cycle]))
-            ax.plot(xs, ys, marker="." if len(xs) < 20 else None, label=f"cycle {cycle}")
+            raw = ax.plot(xs, ys, alpha=0.3, marker="." if len(xs) < 20 else None)[0]
+            ax.plot(xs, rolling_mean(np.asarray(ys)), color=raw.get_color(), label=f"cycle {cycle}")
         ax.set_title(f"{phase}: {metric or 'no loss metric'}")
         ax.set_xlabel("step")
         if by_cycle:

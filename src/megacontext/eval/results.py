@@ -8,8 +8,9 @@ eval.json (exactly these keys)::
      "passkey":  [{"budget", "history_tokens", "depth", "policy", "accuracy", "n"}],
      "timing":   {"base_forward_ms", "refocus_ms", "gist_ms_per_block"}}
 
-``gap_closed[W] = (recency - megacontext) / (recency - reference)`` in loss@H (null when
-recency and reference tie). Non-finite numbers are written as null.
+``gap_closed[W] = (recency - megacontext) / (recency - reference)`` in loss@H; null when
+there is no gap (the reference is not better than recency: the ratio would be
+meaningless). Non-finite numbers are written as null.
 """
 
 from __future__ import annotations
@@ -62,11 +63,12 @@ def _loss(rows: Sequence[Mapping[str, Any]], budget: int, policy: str) -> float 
 
 
 def gap_closed(rows: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
-    """Share of the recency -> reference loss gap that megacontext closes, per budget."""
+    """Share of the recency -> reference loss gap that megacontext closes, per budget
+    (None where the reference is not better than recency)."""
     out: dict[str, float | None] = {}
     for budget in sorted({r["budget"] for r in rows}):
         rec, ref, mc = (_loss(rows, budget, p) for p in ("recency", "reference", "megacontext"))
-        if None in (rec, ref, mc) or rec == ref:
+        if None in (rec, ref, mc) or rec <= ref:  # type: ignore[operator]
             out[str(budget)] = None
         else:
             out[str(budget)] = _finite((rec - mc) / (rec - ref))  # type: ignore[operator]

@@ -24,10 +24,11 @@ import math
 import os
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -174,7 +175,7 @@ class Context:
     train_docs: list[np.ndarray]
     val_windows: list[Window]
     state: TrainState
-    baselines: dict[str, dict[str, float]] = field(default_factory=dict)  # validate()'s cache
+    baselines: dict[str, dict[str, float]] = field(default_factory=dict)  # validate()'s raw-loss cache
 
 
 def _sampler(ctx: Context, *key: Any) -> WindowSampler:
@@ -325,6 +326,18 @@ def restore(ckpt: Checkpoint, cfg: Config, m: Modules, telemetry: Telemetry) -> 
 
 
 # ------------------------------------------------------------------------ entry point
+@contextmanager
+def cpu_threads(n: int) -> Iterator[None]:
+    """torch intra-op CPU threads = ``n`` inside the block (0: unchanged); restored after."""
+    before = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def train(
     cfg: Config,
     out_dir: str | os.PathLike | None = None,
@@ -334,8 +347,15 @@ def train(
 ) -> dict[str, Any]:
     """Warm start + ``cycles`` x (JT1 -> JT2 -> JT3); returns the run summary (also
     ``RUN_DIR/summary.json``). ``resume``: "latest" or a checkpoint folder."""
-    if cfg.train.label_reuse < 1:
-        raise MegaContextError(f"train.label_reuse must be at least 1, got {cfg.train.label_reuse}")
+    if cfg.train.label_reuse < 1 or cfg.train.cpu_threads < 0:
+        raise MegaContextError("train.label_reuse must be >= 1 and train.cpu_threads >= 0")
+    with cpu_threads(cfg.train.cpu_threads):
+        return _train(cfg, out_dir, cycles, resume, progress)
+
+
+def _train(
+    cfg: Config, out_dir: str | os.PathLike | None, cycles: int | None, resume: str | None, progress: bool
+) -> dict[str, Any]:
     if cycles is not None:
         if cycles < 1:
             raise MegaContextError(f"--cycles must be at least 1, got {cycles}")

@@ -343,34 +343,32 @@ def lens_step(m: Modules, cfg: Config, examples: Sequence[LensExample]) -> StepO
 
 # ------------------------------------------------------------------------ validation
 @torch.no_grad()
-def baseline_losses(m: Modules, cfg: Config, windows: Sequence[Window]) -> dict[str, float]:
-    """loss@H of the raw baselines: recency and reference on the current (adapted) base,
-    and recency on the frozen base (adapters off)."""
+def raw_losses(m: Modules, cfg: Config, windows: Sequence[Window], adapted: bool) -> dict[str, float]:
+    """loss@H of the raw baselines. ``adapted=False``: recency and reference on the frozen
+    base (adapters off) — the baselines of record, as in evaluation; ``adapted=True``:
+    recency on the current adapted base (how much of a gain is LoRA alone)."""
     budget, H = cfg.focus.budget, cfg.train.horizon
     horizons = np.stack([w.horizon for w in windows])
-    recency = [recency_prefix(m.base, w.history, budget) for w in windows]
-    rec = horizon_nll(m.base, recency, horizons)
-    ref = horizon_nll(m.base, [reference_prefix(m.base, w.history, H) for w in windows], horizons)
+    if adapted:
+        rec = horizon_nll(m.base, [recency_prefix(m.base, w.history, budget) for w in windows], horizons)
+        return {"loss_recency_adapted": float(rec.mean())}
     with m.adapters_off():
-        rec_base = horizon_nll(m.base, [recency_prefix(m.base, w.history, budget) for w in windows], horizons)
-    return {
-        "loss_recency": float(rec.mean()),
-        "loss_reference": float(ref.mean()),
-        "loss_recency_base": float(rec_base.mean()),
-    }
+        rec = horizon_nll(m.base, [recency_prefix(m.base, w.history, budget) for w in windows], horizons)
+        ref = horizon_nll(m.base, [reference_prefix(m.base, w.history, H) for w in windows], horizons)
+    return {"loss_recency": float(rec.mean()), "loss_reference": float(ref.mean())}
 
 
 @torch.no_grad()
 def validate(
-    m: Modules, cfg: Config, windows: Sequence[Window], baselines: dict[str, dict[str, float]] | None = None
+    m: Modules, cfg: Config, windows: Sequence[Window], cache: dict[str, dict[str, float]] | None = None
 ) -> tuple[dict[str, float], list[dict]]:
-    """loss@H at ``cfg.focus.budget``: megacontext (on-policy focus), uniform gists (the
-    initial assembly), recency, reference.
+    """loss@H at ``cfg.focus.budget`` for megacontext (on-policy focus) and uniform gists
+    (the initial assembly, no LensNet) on the current system (LoRA on), against recency and
+    reference on the frozen base; plus recency on the adapted base, swap rate, residency.
 
-    All four read the same (adapted) base, so they differ only in the context; the
-    frozen base's recency (adapters off) is reported as ``loss_recency_base``.
-    ``baselines`` caches :func:`baseline_losses` per adapter version (they change only in JT3).
-    Returns (metrics, allocator trace records). Window ``i`` uses a fixed allocator seed.
+    ``cache`` keeps the raw baselines between calls (the frozen ones never change, the
+    adapted one only with the adapter). Returns (metrics, allocator trace records).
+    Window ``i`` uses a fixed allocator seed.
     """
     K, L, budget = cfg.tree.block_size, cfg.tree.levels, cfg.focus.budget
     m.set_trainable(None)
@@ -389,18 +387,19 @@ def validate(
     horizons = np.stack([w.horizon for w in windows])
     loss_mc = float(horizon_nll(m.base, assembled, horizons).mean())
     loss_uniform = float(horizon_nll(m.base, uniform, horizons).mean())
-    baselines = {} if baselines is None else baselines
-    key = m.adapter_version()
-    if key not in baselines:
-        baselines[key] = baseline_losses(m, cfg, windows)
-    base_losses = baselines[key]
-    loss_rec, loss_ref = base_losses["loss_recency"], base_losses["loss_reference"]
+    cache = {} if cache is None else cache
+    keys = {"frozen": False, f"adapted-{m.adapter_version()}": True}
+    for key, adapted in keys.items():
+        if key not in cache:
+            cache[key] = raw_losses(m, cfg, windows, adapted)
+    raw = {k: v for key in keys for k, v in cache[key].items()}
+    loss_rec, loss_ref = raw["loss_recency"], raw["loss_reference"]
     res = np.asarray([r for t in traces for r in t.residency], dtype=np.float64)
     gap = loss_rec - loss_ref
     metrics = {
         "loss_megacontext": loss_mc,
-        "loss_uniform_gists": loss_uniform,  # the initial assembly, no LensNet
-        **base_losses,
+        "loss_uniform_gists": loss_uniform,
+        **raw,
         "dnll": loss_mc - loss_ref,
         "gap_closed": (loss_rec - loss_mc) / gap if abs(gap) > 1e-9 else float("nan"),
         "swap_rate": float(np.mean([t.swap_rate for t in traces])),
