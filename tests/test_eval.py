@@ -265,3 +265,17 @@ def test_cli_eval_rejects_bad_budgets(smoke_cfg, capsys):
     assert main(["eval", *_cli_sets(smoke_cfg), "--checkpoint", "none", "--budgets", "64"]) == 2
     assert "budget 64" in capsys.readouterr().err
     assert main(["eval", *_cli_sets(smoke_cfg), "--checkpoint", "none", "--budgets", "x,1"]) == 2
+
+
+def test_gist_baselines_fill_the_budget_like_megacontext(smoke_cfg, smoke_base, untrained):
+    """uniform_gists / random_focus get the same budget as megacontext: no block held back as
+    headroom (they used to start one block short, an unfair comparison)."""
+    mods = PolicyModules.from_config(smoke_cfg, smoke_base, smoke_base, untrained.gistnet, untrained.lensnet)
+    from megacontext.training.episode import build_source
+
+    history = np.random.default_rng(1).integers(0, 500, size=900)
+    source = build_source(smoke_base, untrained.gistnet, history, 32, 2)
+    K = smoke_cfg.tree.block_size
+    for policy in ("uniform_gists", "random_focus", "megacontext"):
+        pw = policy_window(policy, mods, history, source, 128, 32, np.random.default_rng(0))
+        assert 128 - (K - 1) <= pw.cost <= 128, (policy, pw.cost)

@@ -7,6 +7,7 @@ Every policy turns one history ``[T]`` into what the base reads before the horiz
 - ``recency``       the newest ``W`` raw tokens;
 - ``sinks``         the first ``sinks`` tokens + the newest ``W - sinks`` (StreamingLLM);
 - ``uniform_gists`` ``WorkingContext.initial`` at ``W`` (tail raw, the rest gists), no LensNet;
+                    like every gist policy it starts with no headroom, so it fills ``W``;
 - ``random_focus``  the allocator driven by seeded uniform scores in [-1, 1] for the same
                     number of refocus rounds as ``megacontext``;
 - ``megacontext``   LensNet + allocator on-policy (``training.episode.focus_window``).
@@ -100,7 +101,7 @@ def random_focus_context(
     rng: np.random.Generator,
 ) -> WorkingContext:
     """``WorkingContext.initial`` then ``rounds`` refocuses on uniform scores in [-1, 1]."""
-    wc = WorkingContext.initial(num_tokens, block_size, levels, budget, focus.tail_blocks)
+    wc = WorkingContext.initial(num_tokens, block_size, levels, budget, focus.tail_blocks, headroom=0)
     allocator = FocusAllocator(focus, block_size, rng)
     for _ in range(rounds):
         allocator.refocus_passes(wc, lambda w: rng.uniform(-1.0, 1.0, w.cost))
@@ -113,7 +114,7 @@ def gist_context(
     """The working context of a gist policy over ``source.num_tokens`` tokens of history."""
     n, K, L = source.num_tokens, mods.block_size, mods.levels
     if policy == "uniform_gists":
-        return WorkingContext.initial(n, K, L, budget, mods.focus.tail_blocks)
+        return WorkingContext.initial(n, K, L, budget, mods.focus.tail_blocks, headroom=0)
     if policy == "random_focus":
         return random_focus_context(n, mods.focus, K, L, budget, mods.rounds, rng)
     if policy == "megacontext":

@@ -123,7 +123,8 @@ def horizon_logits(
 
     Row b is ``prefix_b ++ embed(horizon_b[:-1])`` at positions
     ``prefix.position_ids ++ next_position + (0..H-2)``; one batched, left-padded forward.
-    Slot ``H-1-i`` counted back from the row's end predicts ``horizon[H-1-i]``.
+    Output slot ``j`` is the logit at the prefix's last entry (``j = 0``) or at
+    ``horizon[j-1]`` (``j >= 1``): it predicts ``horizon[j]``.
     """
     prefixes = [prefixes] if isinstance(prefixes, (Prefix, Assembled)) else list(prefixes)
     horizon = _horizon_ids(horizons, len(prefixes), base.device)
@@ -164,6 +165,7 @@ class LensInput:
 def lens_input(
     wc: WorkingContext, assembled: Assembled, source: HistorySource, lensnet: LensNet, block_size: int, levels: int
 ) -> LensInput:
+    """LensNet's view of one assembled window: entry features + the conditioning set."""
     log_w, log_d = entry_features(assembled.levels, assembled.starts, assembled.ends, wc.num_tokens, block_size)
     cond, cond_mask = build_conditioning(
         source, wc.num_tokens, wc.tail_start, block_size, levels, lensnet.cfg.lod1_conditioning, source.tokens.shape[1]

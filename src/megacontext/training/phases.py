@@ -401,7 +401,7 @@ def validate(
         "loss_uniform_gists": loss_uniform,
         **raw,
         "dnll": loss_mc - loss_ref,
-        "gap_closed": (loss_rec - loss_mc) / gap if abs(gap) > 1e-9 else float("nan"),
+        "gap_closed": (loss_rec - loss_mc) / gap if gap > 0 else float("nan"),  # nan: no gap to close
         "swap_rate": float(np.mean([t.swap_rate for t in traces])),
         "residency_mean": float(res.mean()) if len(res) else float("nan"),
         "residency_p95": float(np.percentile(res, 95)) if len(res) else float("nan"),

@@ -324,8 +324,17 @@ def pretrain_base(cfg: Config, progress: bool = True, force: bool = False) -> di
         _say(f"reused {out_dir}")
         return {**summary, "status": "reused", "output_dir": str(out_dir)}
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)  # every core while pretraining; restored after
+    try:
+        return _train_and_save(cfg, out_dir, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_and_save(cfg: Config, out_dir: Path, progress: bool) -> dict:
+    """Train the embedded base for ``cfg``, evaluate it and publish it at ``out_dir``."""
     t_start = time.perf_counter()
-    torch.set_num_threads(os.cpu_count() or 1)
     emb = cfg.embedded
     ds = prepare_dataset(cfg, progress=progress)
     tokenizer = ds.tokenizer()
