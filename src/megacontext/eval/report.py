@@ -299,8 +299,10 @@ def _eval_section(data: dict) -> list[str]:
     )
     out.append("")
     for budget, share in data.get("gap_closed", {}).items():
-        out.append(f"- gap closed at W={budget}: {_num(None if share is None else 100 * share, '.1f')}% "
-                   "of the recency → reference loss gap")
+        if share is None:
+            out.append(f"- gap closed at W={budget}: n/a (reference is not better than recency: no gap to close)")
+        else:
+            out.append(f"- gap closed at W={budget}: {100 * share:.1f}% of the recency → reference loss gap")
     out += [f"- {line}" for line in acceptance_lines(data)]
     t = data.get("timing", {})
     out.append(f"- timing: base forward {_num(t.get('base_forward_ms'), '.2f')} ms, refocus "

@@ -133,7 +133,8 @@ def format_table(data: Mapping[str, Any], se: Mapping[tuple[int, str], float | N
         rec, ref = _loss(data["results"], int(budget), "recency"), _loss(data["results"], int(budget), "reference")
         no_gap = None not in (rec, ref) and rec <= ref  # type: ignore[operator]
         note = " (reference is not better than recency here: no gap to close)" if no_gap else ""
-        lines.append(f"gap closed at W={budget}: {_fmt(None if share is None else 100 * share, '.1f')}%{note}")
+        shown = "n/a" if share is None else f"{100 * share:.1f}%"
+        lines.append(f"gap closed at W={budget}: {shown}{note}")
     if data["passkey"]:
         lines += _passkey_table(data["passkey"])
     t = data["timing"]
