@@ -363,9 +363,7 @@ def load_session_modules(cfg: Config, checkpoint: str | None = "auto"):
 
     base = BaseModel.from_config(cfg)
     gistnet, lensnet = build_modules(cfg, base)
-    path = None
-    if checkpoint not in (None, "none"):
-        path = find_checkpoint(cfg, checkpoint, required=checkpoint != "auto")
+    path = find_checkpoint(cfg, checkpoint)
     if path is not None:
         load_modules_from_checkpoint(path, base, gistnet, lensnet)
     gistnet.to(base.device).eval()

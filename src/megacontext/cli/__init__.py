@@ -44,6 +44,18 @@ Every subcommand takes --config PATH (YAML, or a name from configs/) and repeate
 """
 
 
+def add_checkpoint(p: argparse.ArgumentParser) -> None:
+    """--checkpoint, resolved by ``training.checkpoint`` the same way for every command."""
+    p.add_argument(
+        "--checkpoint",
+        default="auto",
+        metavar="PATH",
+        help="trained GistNet/LensNet/LoRA modules: a checkpoint folder, a run folder, 'latest' (newest run under "
+        "$MEGACONTEXT_ARTIFACT_ROOT/runs), 'none' (untrained) or 'auto' (latest if any, else none; "
+        "the default)",
+    )
+
+
 def add_common(p: argparse.ArgumentParser) -> None:
     """--config and --set, shared by every subcommand."""
     p.add_argument(

@@ -5,15 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from megacontext.cli import add_common, load_args_config
+from megacontext.cli import add_checkpoint, add_common, load_args_config
 from megacontext.errors import MegaContextError
-
-CHECKPOINT_HELP = (
-    "trained modules: a checkpoint folder, a run folder, 'latest' (newest run under "
-    "$MEGACONTEXT_ARTIFACT_ROOT/runs), 'none' (untrained) or 'auto' (latest if any, else none; "
-    "the default)"
-)
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -28,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "DIR/eval.json and prints a table.",
     )
     add_common(p)
-    p.add_argument("--checkpoint", default="auto", metavar="PATH", help=CHECKPOINT_HELP)
+    add_checkpoint(p)
     p.add_argument("--budgets", default=None, metavar="A,B,...", help="budgets W (default: eval.budgets)")
     p.add_argument("--data", default=None, metavar="SOURCE",
                    help="evaluate on another source (python-stdlib | files:GLOB | jsonl:PATH[:field] | "

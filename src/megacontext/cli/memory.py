@@ -7,15 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from megacontext.cli import add_common, load_args_config
+from megacontext.cli import add_checkpoint, add_common, load_args_config
 from megacontext.errors import MegaContextError
-
-CHECKPOINT_HELP = (
-    "trained GistNet/LensNet/LoRA checkpoint: a checkpoint folder, a run folder, 'latest' "
-    "(newest under $MEGACONTEXT_ARTIFACT_ROOT/runs) or 'none' (untrained modules). "
-    "Default: latest when one exists, else none"
-)
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -29,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_common(p)
     p.add_argument("--tree", required=True, metavar="DIR", help="tree folder (created if missing)")
     p.add_argument("--input", required=True, metavar="FILE", help="UTF-8 text file, or - for stdin")
-    p.add_argument("--checkpoint", default="auto", metavar="PATH", help=CHECKPOINT_HELP)
+    add_checkpoint(p)
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser(
@@ -57,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--budget", type=int, default=None, help="W_max in cost units (default: focus.budget)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
-    p.add_argument("--checkpoint", default="auto", metavar="PATH", help=CHECKPOINT_HELP)
+    add_checkpoint(p)
     p.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
     p.set_defaults(func=cmd_generate)
 

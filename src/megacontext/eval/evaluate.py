@@ -63,7 +63,7 @@ def load_eval_modules(cfg: Config, checkpoint: str, ablate: str | None = None, s
     if ablate not in (None, *ABLATIONS):
         raise MegaContextError(f"--ablate must be one of {', '.join(ABLATIONS)}, got {ablate!r}")
     if ablate == "lora":
-        path = find_checkpoint(cfg, checkpoint, required=checkpoint != "auto") if checkpoint != "none" else None
+        path = find_checkpoint(cfg, checkpoint)
         base = plain_base = BaseModel.from_config(cfg)
         gistnet, lensnet = build_modules(cfg, base)
         if path is not None:

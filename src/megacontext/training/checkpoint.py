@@ -253,17 +253,20 @@ def resolve_resume(checkpoints_root: Path, spec: str) -> Checkpoint:
 
 
 # ------------------------------------------------------------------ runtime use
-def find_checkpoint(cfg: Config, which: str, required: bool = True) -> Path | None:
-    """A checkpoint folder for inference: a checkpoint, a run folder, ``latest`` or ``auto``.
+def find_checkpoint(cfg: Config, which: str | None) -> Path | None:
+    """A checkpoint folder for inference, or None for untrained modules.
 
-    ``latest``/``auto`` pick the newest run under ``<artifact_root>/runs`` and its
-    ``latest`` checkpoint; ``auto`` returns None when there is none (``required`` False).
+    ``which``: a checkpoint or run folder; ``latest`` (the newest run under
+    ``<artifact_root>/runs``, its ``latest`` checkpoint; an error when there is none);
+    ``auto`` (the same, but None when there is none); ``none`` or None (None).
     """
+    if which in (None, "none"):
+        return None
     if which in ("latest", "auto"):
         runs = cfg.artifact_root / "runs"
         run_dirs = sorted((p for p in runs.iterdir() if (p / "checkpoints").is_dir()), key=lambda p: p.name) if runs.is_dir() else []
         if not run_dirs:
-            if required and which == "latest":
+            if which == "latest":
                 raise CheckpointError(f"no training run under {runs}")
             return None
         root = run_dirs[-1] / "checkpoints"
