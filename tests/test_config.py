@@ -75,6 +75,8 @@ def test_force_rebuild_env_zero_means_off():
         ("focus:\n  budget: 3\n", "focus.budget"),
         ("data:\n  val_fraction: 0.7\n", "data.val_fraction"),
         ("train:\n  history_min: 4096\n  history_max: 100\n", "train.history_min"),
+        ("embedded:\n  copy_length: 4096\n", "embedded.copy_length"),
+        ("embedded:\n  copy_rows: 0\n", "embedded.induction_steps"),
     ],
 )
 def test_file_errors_name_the_key_and_file(tmp_path, text, key):

@@ -16,9 +16,15 @@ from megacontext.cli import main
 from megacontext.data.passkey import NEEDLE, QUESTIONS
 from megacontext.errors import ConfigError
 from megacontext.training.pretrain_base import (
+    INDUCTION_WINDOW,
+    build_model,
+    drill_vocabulary,
     greedy_continuation,
+    induction_warmup,
     lr_at,
+    make_optimizer,
     pretrain_base,
+    repeat_batch,
     token_stream,
     training_batch,
 )
@@ -47,6 +53,8 @@ def test_summary_reports_the_metrics(summary, smoke_cfg):
     assert 0.0 <= summary["passkey_accuracy"] <= 1.0
     assert set(summary["passkey_by_depth"]) == {f"depth_{d:g}" for d in smoke_cfg.eval.passkey_depths}
     assert summary["passkey_prompt_tokens"] < ctx
+    assert 1 <= summary["induction_warmup_steps"] <= smoke_cfg.embedded.induction_steps
+    assert np.isfinite(summary["induction_warmup_loss"]) and np.isfinite(summary["copy_loss_last"])
 
 
 def test_output_is_a_plain_hf_model(smoke_cfg, smoke_base):
@@ -101,7 +109,7 @@ def test_cli_prints_the_report(smoke_roots, smoke_base, capsys):
     argv = ["pretrain-base", "--config", "smoke"] + [a for s in sets for a in ("--set", s)]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    for word in ("reused", "parameters", "val loss", "passkey", "tokens/s", "[256,512)"):
+    for word in ("reused", "parameters", "val loss", "passkey", "tokens/s", "[256,512)", "induction"):
         assert word in out, word
 
 
@@ -136,6 +144,42 @@ def test_training_batch_mixes_passkeys_deterministically(smoke_data):
         assert NEEDLE.format(key=key.strip()) in text, "the answer is not the planted key"
         first = int(answer.nonzero()[0])
         assert tok.decode(row[: first + 1].tolist()).endswith(QUESTIONS)
+
+
+def test_repeat_batch_rows_repeat_with_their_own_period():
+    vocab = np.arange(3, 50)
+    batch = repeat_batch(np.random.default_rng(0), vocab, 32, 129)
+    tokens, marked = batch.tokens.numpy(), batch.answer_targets.numpy()
+    assert tokens.shape == (32, 129) and marked.shape == (32, 128) and batch.passkeys == 0
+    assert np.isin(tokens, vocab).all()
+    periods = set()
+    for row, mask in zip(tokens, marked):
+        period = int(mask.argmax())  # first marked input position
+        assert mask[period:].all() and not mask[:period].any()
+        assert 8 <= period <= 64
+        assert np.array_equal(row[period:], row[:-period]), "not periodic with the marked period"
+        periods.add(period)
+    assert len(periods) > 10, "periods must vary between rows (else a positional shortcut works)"
+    assert torch.equal(batch.tokens, repeat_batch(np.random.default_rng(0), vocab, 32, 129).tokens)
+
+
+def test_drill_vocabulary_leaves_out_special_tokens(smoke_data):
+    tok = smoke_data.tokenizer()
+    vocab = drill_vocabulary(tok)
+    assert len(vocab) == len(tok) - len(set(tok.all_special_ids))
+    assert not set(vocab.tolist()) & set(tok.all_special_ids)
+
+
+@pytest.mark.parametrize(("target", "expect_steps"), [(100.0, INDUCTION_WINDOW), (1e-6, 30)])
+def test_induction_warmup_stops_at_its_target_or_its_step_limit(smoke_roots, smoke_data, target, expect_steps):
+    cfg = smoke_config(smoke_roots, "embedded.induction_steps=30", f"embedded.induction_target={target}")
+    tok = smoke_data.tokenizer()
+    torch.manual_seed(0)
+    model = build_model(cfg.embedded, tok)
+    before = model.model.embed_tokens.weight.detach().clone()
+    losses = induction_warmup(model, make_optimizer(model, cfg.embedded), cfg, drill_vocabulary(tok), None, False)
+    assert len(losses) == expect_steps and all(np.isfinite(losses))
+    assert not torch.equal(before, model.model.embed_tokens.weight), "the warm-up did not train the model"
 
 
 def test_lr_schedule_warms_up_then_decays(smoke_cfg):

@@ -47,7 +47,7 @@ class DataConfig:
     val_fraction: float = 0.05
     test_fraction: float = 0.05
     shard_tokens: int = 2_000_000  # approximate tokens per Arrow shard
-    vocab_size: int = 4096  # byte-level BPE size for the embedded base's tokenizer
+    vocab_size: int = 1024  # byte-level BPE size for the embedded base's tokenizer
     force_rebuild: bool = False  # MEGACONTEXT_FORCE_DATA_REBUILD=1
 
 
@@ -71,9 +71,13 @@ class EmbeddedBaseConfig:
     context: int = 1024
     steps: int = 1000
     batch_size: int = 4
-    lr: float = 3e-3
+    lr: float = 2e-3
     warmup_steps: int = 50
     passkey_fraction: float = 0.1  # share of training sequences that are synthetic passkey docs
+    copy_rows: int = 4  # rows of repeated random tokens per step (the induction drill); 0 = none
+    copy_length: int = 512  # tokens per drill row, period random in [8, copy_length / 2]; warm-up: half
+    induction_steps: int = 3000  # most drill-only warm-up steps before the corpus (0 = none)
+    induction_target: float = 0.5  # the warm-up ends once the drill's repeat loss falls below this
     eval_sequences: int = 32  # validation sequences of length `context` for the report
     passkey_trials: int = 30  # in-window passkey prompts (greedy exact match) for the report
 
@@ -464,6 +468,19 @@ def validate(cfg: Config) -> None:
         need(0 <= v < 0.5, f"data.{k}", "must be in [0, 0.5)")
     need(cfg.data.vocab_size >= 300, "data.vocab_size", "must be at least 300 (256 bytes + specials)")
     need(0 <= cfg.embedded.passkey_fraction < 1, "embedded.passkey_fraction", "must be in [0, 1)")
+    need(cfg.embedded.copy_rows >= 0, "embedded.copy_rows", "must be >= 0")
+    need(
+        64 <= cfg.embedded.copy_length <= cfg.embedded.context,
+        "embedded.copy_length",
+        f"must be in [64, embedded.context = {cfg.embedded.context}]",
+    )
+    need(cfg.embedded.induction_steps >= 0, "embedded.induction_steps", "must be >= 0")
+    need(
+        cfg.embedded.induction_steps == 0 or cfg.embedded.copy_rows > 0,
+        "embedded.induction_steps",
+        "needs embedded.copy_rows > 0 (the warm-up trains on the drill rows)",
+    )
+    need(cfg.embedded.induction_target > 0, "embedded.induction_target", "must be > 0")
     need(
         cfg.embedded.hidden_size % cfg.embedded.heads == 0,
         "embedded.hidden_size",

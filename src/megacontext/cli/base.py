@@ -12,8 +12,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "pretrain-base",
         help="pretrain the embedded tiny Llama base (cached by content)",
         description="Prepare the dataset if needed, then pretrain the embedded base (a tiny "
-        "Llama; sizes and recipe in the config's `embedded:` section) on packed sequences of "
-        "the train split mixed with synthetic passkey documents, evaluate it on the val split, "
+        "Llama; sizes and recipe in the config's `embedded:` section): first an induction "
+        "warm-up on repeated random tokens (until their loss < embedded.induction_target), then "
+        "packed sequences of the train split mixed with synthetic passkey documents, with "
+        "embedded.copy_rows drill rows kept in every step. Evaluate it on the val split "
         "and save it in Hugging Face format under "
         "$MEGACONTEXT_ARTIFACT_ROOT/base/embedded-<hash>/. The hash covers the data settings, "
         "the `embedded:` section and the seed; a complete base with the same hash is reused.",
@@ -35,6 +37,9 @@ def cmd_pretrain_base(args: argparse.Namespace) -> int:
     print(f"steps       {s['steps']:,} ({s['tokens_seen']:,} tokens, {s['passkey_sequences']} passkey sequences)")
     print(f"wall time   {s['wall_seconds']:.0f}s (training {s['train_tokens_per_s']:,.0f} tokens/s "
           f"on {s['threads']} threads)")
+    if s.get("induction_warmup_steps"):
+        print(f"induction   warm-up {s['induction_warmup_steps']:,} steps to repeat loss "
+              f"{s['induction_warmup_loss']:.3f}; drill loss at the end {s['copy_loss_last']:.3f}")
     print(f"train loss  {s['train_loss_first']:.3f} -> {s['train_loss_last']:.3f}")
     print(f"val loss    {s['val_loss']:.3f}  positions [{early[0]},{early[1]}): {s['val_loss_early']:.3f}  "
           f"[{late[0]},{late[1]}): {s['val_loss_late']:.3f}")
