@@ -211,6 +211,11 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     return None
 
 
+def mixed_precision(device: torch.device, amp: torch.dtype | None) -> torch.autocast:
+    """The autocast context for ``amp`` (from :func:`autocast_dtype`); a no-op when None."""
+    return torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
+
+
 def lm_loss(model: LlamaForCausalLM, seq: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Next-token cross-entropy of ``seq`` [B, T+1]: mean, or per position [B, T]."""
     seq = seq.to(model.device)
@@ -234,9 +239,17 @@ def training_loss(per_token: torch.Tensor, answer_targets: torch.Tensor) -> tupl
 
 def repeat_loss(model: LlamaForCausalLM, batch: Batch, amp: torch.dtype | None) -> torch.Tensor:
     """Mean next-token loss on the repeated targets of an induction-drill ``batch``."""
-    with torch.autocast(model.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+    with mixed_precision(model.device, amp):
         per_token = lm_loss(model, batch.tokens, "none")
     return per_token[batch.answer_targets.to(model.device)].mean()
+
+
+def tenth_mean(values: list[float], last: bool = True) -> float | None:
+    """Mean of the last (or first) tenth of ``values``, at least one value; None when empty."""
+    if not values:
+        return None
+    n = max(1, len(values) // 10)
+    return float(np.mean(values[-n:] if last else values[:n]))
 
 
 def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
@@ -448,8 +461,9 @@ def _train_and_save(cfg: Config, out_dir: Path, progress: bool) -> dict:
     vocab = drill_vocabulary(tokenizer)
     t_train = time.perf_counter()
     drill = induction_warmup(model, optimizer, cfg, vocab, amp, progress) if emb.induction_steps else []
+    drill_loss = float(np.mean(drill[-INDUCTION_WINDOW:])) if drill else None
     if drill:
-        _say(f"induction warm-up: {len(drill)} steps, repeat loss {np.mean(drill[-INDUCTION_WINDOW:]):.3f}")
+        _say(f"induction warm-up: {len(drill)} steps, repeat loss {drill_loss:.3f}")
 
     losses: list[float] = []
     copy_losses: list[float] = []
@@ -464,7 +478,7 @@ def _train_and_save(cfg: Config, out_dir: Path, progress: bool) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, emb)
         model.train()
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        with mixed_precision(device, amp):
             per_token = lm_loss(model, batch.tokens, "none")
         loss, lm = training_loss(per_token, batch.answer_targets.to(device))
         if emb.copy_rows:
@@ -499,12 +513,12 @@ def _train_and_save(cfg: Config, out_dir: Path, progress: bool) -> dict:
         "train_seconds": round(train_s, 1),
         "train_tokens_per_s": round(tokens_seen / corpus_s, 1),
         "wall_seconds": round(time.perf_counter() - t_start, 1),
-        "train_loss_first": float(np.mean(losses[: max(1, len(losses) // 10)])),
-        "train_loss_last": float(np.mean(losses[-max(1, len(losses) // 10) :])),
+        "train_loss_first": tenth_mean(losses, last=False),
+        "train_loss_last": tenth_mean(losses),
         "train_losses": [round(x, 4) for x in losses],
         "induction_warmup_steps": len(drill),
-        "induction_warmup_loss": float(np.mean(drill[-INDUCTION_WINDOW:])) if drill else None,
-        "copy_loss_last": float(np.mean(copy_losses[-max(1, len(copy_losses) // 10) :])) if copy_losses else None,
+        "induction_warmup_loss": drill_loss,
+        "copy_loss_last": tenth_mean(copy_losses),
         **metrics,
         "seed": cfg.seed,
         "embedded": cfg.to_dict()["embedded"],
