@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from megacontext.config import load_config
-from megacontext.runtime import Session, load_session_modules, make_gister, open_or_create_tree
+from megacontext.modules import Modules
+from megacontext.runtime import Session, open_or_create_tree
 from megacontext.tree import MegaContextTree
 
 
@@ -46,18 +47,19 @@ def main() -> None:
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     cfg = load_config(args.config)
-    base, gistnet, lensnet, ckpt = load_session_modules(cfg, args.checkpoint)
+    modules = Modules.load(cfg, args.checkpoint)
+    base, ckpt = modules.base, modules.checkpoint
     rng = np.random.default_rng(cfg.seed)
     ids = rng.integers(0, base.model.config.vocab_size, size=args.tokens)
 
     # (b) ingest throughput, gists included
-    tree = MegaContextTree.create_ram(cfg.tree.block_size, cfg.tree.levels, base.dim, make_gister(base, gistnet))
+    tree = MegaContextTree.create_ram(cfg.tree.block_size, cfg.tree.levels, base.dim, modules.gister())
     t0 = time.perf_counter()
     for i in range(0, len(ids), 4096):
         tree.append(ids[i : i + 4096])
     ram_tps = len(ids) / (time.perf_counter() - t0)
     with tempfile.TemporaryDirectory() as tmp:
-        dtree = open_or_create_tree(cfg, base, gistnet, Path(tmp) / "t", create=True)
+        dtree = open_or_create_tree(cfg, modules, Path(tmp) / "t", create=True)
         t0 = time.perf_counter()
         for i in range(0, len(ids), 4096):
             dtree.append(ids[i : i + 4096])
@@ -65,7 +67,7 @@ def main() -> None:
         dtree.close()
 
     # (a) refocus vs base forward on the same full W_max window
-    session = Session(base, gistnet, lensnet, tree, cfg.focus, seed=cfg.seed)
+    session = Session(modules, tree, cfg.focus, seed=cfg.seed)
     window = session.assemble()
     W = window.embeds.shape[0]
 

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from megacontext.allocator import Action, FocusAllocator
 from megacontext.config import FocusConfig
 from megacontext.errors import MegaContextError
+from megacontext.focus.trace import FocusTrace
 from megacontext.working_context import Entry, WorkingContext, minimum_cost
 
 REFOCUSES = {"n": 0}
@@ -187,6 +188,7 @@ def _random_streams(sc):
     wc.check_invariants()
     alloc = FocusAllocator(cfg, K, np.random.default_rng(sc["seed"]))
     judge = Judge(cfg)
+    trace = FocusTrace()
     growing = True
     for r in range(ROUNDS):
         if growing:
@@ -205,11 +207,13 @@ def _random_streams(sc):
             judge.note(forced, cfg.cooldown)
         mode = ["uniform", "biased", "pingpong", "spikes", "ties"][r % 5]
         for p in range(cfg.passes):
+            window = wc.cost
             acts = judge.refocus(alloc, wc, score_stream(rng, mode, wc.cost, r))
+            trace.record(acts, window)
             if not acts:
                 break
-    stats = alloc.residency_stats()
-    assert stats["refocuses"] == alloc.stats.refocuses >= ROUNDS
+    stats = trace.summary()
+    assert stats["refocuses"] == trace.refocuses >= ROUNDS
 
 
 def test_random_growth_and_score_streams_keep_every_invariant():
@@ -331,7 +335,9 @@ def test_stats_and_score_validation():
     alloc = FocusAllocator(cfg(n_diff=2), 4)
     W = wc.cost
     acts = alloc.refocus(wc, np.full(W, -0.9))
-    st_ = alloc.residency_stats()
+    trace = FocusTrace()
+    trace.record(acts, W)
+    st_ = trace.summary()
     assert st_["swap_rate"] == pytest.approx(len(acts) / W) and st_["collapses"] == len(acts) == 2
     assert st_["residency_mean"] == pytest.approx(1.0) and st_["residency_p95"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="scores"):

@@ -11,7 +11,7 @@ import torch
 
 from megacontext.config import Config
 from megacontext.telemetry import Telemetry
-from megacontext.training.checkpoint import (
+from megacontext.checkpoint import (
     CheckpointError,
     CheckpointWarning,
     checkpoint_name,

@@ -15,9 +15,20 @@ import torch
 from megacontext.cli import main
 from megacontext.config import Config
 from megacontext.data import make_passkey
-from megacontext.eval.evaluate import EvalModules, EvalOptions, evaluate, load_eval_modules, select_windows
+from megacontext.eval.evaluate import EvalOptions, evaluate, select_windows
 from megacontext.eval.passkey import answer_correct
-from megacontext.eval.policies import POLICIES, RAW_POLICIES, PolicyModules, policy_window, sinks_ids
+from megacontext.focus.horizon import raw_prefix
+from megacontext.focus.policies import (
+    POLICIES,
+    RAW_POLICIES,
+    FocusSettings,
+    PolicyRequest,
+    PolicyWindow,
+    policy_window,
+    reading,
+    sinks_ids,
+)
+from megacontext.focus.source import build_source
 from megacontext.eval.results import (
     EVAL_KEYS,
     PASSKEY_KEYS,
@@ -26,9 +37,8 @@ from megacontext.eval.results import (
     delta_standard_errors,
     gap_closed,
 )
-from megacontext.runtime import build_modules
-from megacontext.training.checkpoint import save_checkpoint
-from megacontext.training.episode import raw_prefix
+from megacontext.checkpoint import save_checkpoint
+from megacontext.modules import Modules
 
 BUDGETS = [96, 128]
 
@@ -40,9 +50,14 @@ def _cli_sets(cfg: Config) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def untrained(smoke_cfg, smoke_base) -> EvalModules:
-    gistnet, lensnet = build_modules(smoke_cfg, smoke_base)
-    return EvalModules(smoke_base, smoke_base, gistnet, lensnet, None)
+def untrained(smoke_cfg, smoke_base) -> Modules:
+    return Modules.fresh(smoke_cfg, smoke_base)
+
+
+def _window(policy: str, mods: Modules, cfg: Config, history: np.ndarray, source, budget: int) -> PolicyWindow:
+    settings = FocusSettings.from_config(cfg, greedy=True).at_budget(budget)
+    with reading(mods, policy):
+        return policy_window(policy, PolicyRequest(mods, settings, history, source, 32, np.random.default_rng(0)))
 
 
 @pytest.fixture(scope="module")
@@ -139,14 +154,11 @@ def test_sinks_keep_the_first_and_newest_tokens():
 
 def test_policy_windows_see_the_newest_tokens(smoke_cfg, smoke_base, untrained):
     """Every policy ends with the token right before the cursor, at LOD0 (the raw tail)."""
-    mods = PolicyModules.from_config(smoke_cfg, smoke_base, smoke_base, untrained.gistnet, untrained.lensnet)
-    from megacontext.training.episode import build_source
-
     history = np.random.default_rng(0).integers(0, 500, size=700)
-    source = build_source(smoke_base, untrained.gistnet, history, 32, 2)
+    source = build_source(smoke_base, untrained.gistnet, history, smoke_cfg.tree.shape)
     last = smoke_base.embed(torch.as_tensor(history[-1:]))[0]
     for policy in POLICIES:
-        pw = policy_window(policy, mods, history, source, 128, 32, np.random.default_rng(0))
+        pw = _window(policy, untrained, smoke_cfg, history, source, 128)
         torch.testing.assert_close(pw.prefix.embeds[-1].float(), last.float())
 
 
@@ -186,10 +198,9 @@ def test_passkey_exact_match_equals_greedy_decoding(smoke_base, smoke_data):
 def fake_checkpoint(smoke_cfg, smoke_base, tmp_path_factory) -> Path:
     """A checkpoint with non-default GistNet/LensNet weights and a non-zero LoRA adapter."""
     from megacontext.base_model import BaseModel
-    from megacontext.training.phases import build_modules as train_modules
 
     base = BaseModel.from_config(smoke_cfg)  # gets adapters injected: not the shared fixture
-    m = train_modules(smoke_cfg, base)
+    m = Modules.fresh(smoke_cfg, base, lora=True)
     torch.manual_seed(11)
     with torch.no_grad():
         for module in (m.gistnet, m.lensnet):
@@ -213,21 +224,23 @@ def _logits(base, ids: torch.Tensor) -> torch.Tensor:
 
 
 def test_ablate_swaps_exactly_one_module(smoke_cfg, smoke_base, fake_checkpoint):
-    say = lambda _m: None  # noqa: E731
-    full = load_eval_modules(smoke_cfg, str(fake_checkpoint), None, say)
-    fresh_gist, fresh_lens = build_modules(smoke_cfg, smoke_base)
+    full = Modules.load(smoke_cfg, str(fake_checkpoint))
+    fresh = Modules.fresh(smoke_cfg, smoke_base)  # the one seed rule: the same untrained weights
+    fresh_gist, fresh_lens = fresh.gistnet, fresh.lensnet
     ids = torch.arange(40)
     assert full.checkpoint == fake_checkpoint
     assert not _same(full.gistnet, fresh_gist) and not _same(full.lensnet, fresh_lens)
-    # the adapted base reads gist windows; the plain one the raw baselines
-    assert not torch.allclose(_logits(full.base, ids), _logits(full.plain_base, ids))
-    torch.testing.assert_close(_logits(full.plain_base, ids), _logits(smoke_base, ids))
+    # the adapted base reads gist windows; the plain one (adapter off) the raw baselines
+    with full.plain():
+        plain = _logits(full.base, ids)
+    assert not torch.allclose(_logits(full.base, ids), plain)
+    torch.testing.assert_close(plain, _logits(smoke_base, ids))
 
-    no_gist = load_eval_modules(smoke_cfg, str(fake_checkpoint), "gistnet", say)
+    no_gist = Modules.load(smoke_cfg, str(fake_checkpoint), "gistnet")
     assert _same(no_gist.gistnet, fresh_gist) and _same(no_gist.lensnet, full.lensnet)
-    no_lens = load_eval_modules(smoke_cfg, str(fake_checkpoint), "lensnet", say)
+    no_lens = Modules.load(smoke_cfg, str(fake_checkpoint), "lensnet")
     assert _same(no_lens.lensnet, fresh_lens) and _same(no_lens.gistnet, full.gistnet)
-    no_lora = load_eval_modules(smoke_cfg, str(fake_checkpoint), "lora", say)
+    no_lora = Modules.load(smoke_cfg, str(fake_checkpoint), "lora")
     assert _same(no_lora.gistnet, full.gistnet) and _same(no_lora.lensnet, full.lensnet)
     torch.testing.assert_close(_logits(no_lora.base, ids), _logits(smoke_base, ids))
 
@@ -270,12 +283,9 @@ def test_cli_eval_rejects_bad_budgets(smoke_cfg, capsys):
 def test_gist_baselines_fill_the_budget_like_megacontext(smoke_cfg, smoke_base, untrained):
     """uniform_gists / random_focus get the same budget as megacontext: no block held back as
     headroom (they used to start one block short, an unfair comparison)."""
-    mods = PolicyModules.from_config(smoke_cfg, smoke_base, smoke_base, untrained.gistnet, untrained.lensnet)
-    from megacontext.training.episode import build_source
-
     history = np.random.default_rng(1).integers(0, 500, size=900)
-    source = build_source(smoke_base, untrained.gistnet, history, 32, 2)
+    source = build_source(smoke_base, untrained.gistnet, history, smoke_cfg.tree.shape)
     K = smoke_cfg.tree.block_size
     for policy in ("uniform_gists", "random_focus", "megacontext"):
-        pw = policy_window(policy, mods, history, source, 128, 32, np.random.default_rng(0))
+        pw = _window(policy, untrained, smoke_cfg, history, source, 128)
         assert 128 - (K - 1) <= pw.cost <= 128, (policy, pw.cost)

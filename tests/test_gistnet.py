@@ -10,7 +10,8 @@ from torch import nn
 
 from megacontext.config import GistNetConfig
 from megacontext.errors import MegaContextError
-from megacontext.gistnet import GistNet, TreeGister, gistnet_version, gists_for_history, load_module, save_module
+from megacontext.gistnet import GistNet, TreeGister, gists_for_history
+from megacontext.weights import load_module, module_version, save_module
 
 D, K = 32, 8
 POOLINGS = ["mean", "query", "cls"]
@@ -140,16 +141,16 @@ def test_gists_for_history_is_differentiable():
 # --------------------------------------------------------------------- versions and files
 def test_version_tracks_weights_and_config():
     net = make()
-    v0 = gistnet_version(net)
-    assert v0 == gistnet_version(make()) and len(v0) == 16
-    assert v0 != gistnet_version(make(seed=1))
+    v0 = module_version(net)
+    assert v0 == module_version(make()) and len(v0) == 16
+    assert v0 != module_version(make(seed=1))
     saved = net.cores[0].blocks[0].qkv.weight.detach().clone()
     with torch.no_grad():
         net.cores[0].blocks[0].qkv.weight[0, 0] += 1e-3
-    assert gistnet_version(net) != v0
+    assert module_version(net) != v0
     with torch.no_grad():
         net.cores[0].blocks[0].qkv.weight.copy_(saved)
-    assert gistnet_version(net) == v0
+    assert module_version(net) == v0
 
 
 def test_save_load_round_trip(tmp_path):
@@ -157,7 +158,7 @@ def test_save_load_round_trip(tmp_path):
     path = tmp_path / "gistnet.safetensors"
     save_module(net, path)
     other = load_module(make(seed=5, pooling="cls"), path)
-    assert gistnet_version(other) == gistnet_version(net)
+    assert module_version(other) == module_version(net)
     x = children(3)
     torch.testing.assert_close(other(x, 2), net(x, 2), atol=0, rtol=0)
     with pytest.raises(MegaContextError, match="expected"):
@@ -191,7 +192,7 @@ def test_tree_gister_version_follows_gistnet_and_embedding():
     net, emb = make(), nn.Embedding(50, D)
     gister = TreeGister(net, emb)
     v0 = gister.version
-    assert v0 == gister.version and v0 != gistnet_version(net)
+    assert v0 == gister.version and v0 != module_version(net)
     with torch.no_grad():
         emb.weight[3, 0] += 0.5  # e.g. a LoRA adapter on the embeddings moved
     v1 = gister.version

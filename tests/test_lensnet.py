@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megacontext.config import LensNetConfig
-from megacontext.gistnet import load_module, save_module
+from megacontext.weights import load_module, save_module
 from megacontext.lensnet import LensNet, build_conditioning, entry_features
 
 D, M = 24, 4  # entry width, LOD1 conditioning count -> C = 6

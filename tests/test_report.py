@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from megacontext.cli import main
-from megacontext.eval.policies import PolicyModules
+from megacontext.focus.policies import FocusSettings
+from megacontext.modules import Modules
 from megacontext.eval.report import ReportInputs, lod_matrix, read_jsonl, rolling_mean, write_report
 from megacontext.eval.timing import SessionTrace, trace_session
-from megacontext.runtime import build_modules
 
 EVAL = {
     "horizon": 32, "block_size": 32, "base": "embedded", "checkpoint": None, "data": "smoke", "split": "test",
@@ -48,10 +48,9 @@ def _write_run(run: Path) -> None:
 
 @pytest.fixture(scope="module")
 def trace(smoke_cfg, smoke_base, smoke_data) -> SessionTrace:
-    gistnet, lensnet = build_modules(smoke_cfg, smoke_base)
-    mods = PolicyModules.from_config(smoke_cfg, smoke_base, smoke_base, gistnet, lensnet)
+    mods = Modules.fresh(smoke_cfg, smoke_base)
     tokens = np.concatenate(smoke_data.documents("test"))[:640].astype(np.int64)
-    return trace_session(mods, tokens, smoke_cfg.focus.budget, seed=0)
+    return trace_session(mods, FocusSettings.from_config(smoke_cfg, greedy=True), tokens, seed=0)
 
 
 def test_trace_records_every_refocus(trace, smoke_cfg):

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from megacontext.cli import main
-from megacontext.runtime import Session, build_modules, make_gister
+from megacontext.modules import Modules
+from megacontext.runtime import Session
 from megacontext.tree import MegaContextTree
 
 
@@ -21,11 +22,9 @@ def _history(smoke_data, n: int) -> np.ndarray:
 
 
 def _session(smoke_cfg, smoke_base) -> Session:
-    gistnet, lensnet = build_modules(smoke_cfg, smoke_base)
-    tree = MegaContextTree.create_ram(
-        smoke_cfg.tree.block_size, smoke_cfg.tree.levels, smoke_base.dim, make_gister(smoke_base, gistnet)
-    )
-    return Session(smoke_base, gistnet, lensnet, tree, smoke_cfg.focus, seed=0)
+    modules = Modules.fresh(smoke_cfg, smoke_base)
+    tree = MegaContextTree.create_ram(smoke_cfg.tree.block_size, smoke_cfg.tree.levels, smoke_base.dim, modules.gister())
+    return Session(modules, tree, smoke_cfg.focus, seed=0)
 
 
 def test_window_uses_gists_once_history_exceeds_budget(smoke_cfg, smoke_base, smoke_data):
@@ -157,11 +156,9 @@ def test_cli_bad_input_leaves_tree_untouched(smoke_roots, smoke_base, text_file,
 
 
 def test_tree_of_another_model_is_refused(smoke_roots, smoke_cfg, smoke_base, text_file, tmp_path, capsys):
-    gistnet, _ = build_modules(smoke_cfg, smoke_base)
+    gister = Modules.fresh(smoke_cfg, smoke_base).gister()
     tree = tmp_path / "other"
-    t = MegaContextTree.create_disk(
-        tree, 32, 2, smoke_base.dim, make_gister(smoke_base, gistnet), model_name="someone/else", tokenizer_hash="0"
-    )
+    t = MegaContextTree.create_disk(tree, 32, 2, smoke_base.dim, gister, model_name="someone/else", tokenizer_hash="0")
     t.append(np.arange(100))
     t.close()
     before = _tree_digest(tree)

@@ -21,30 +21,23 @@ from safetensors.torch import load_file
 from conftest import smoke_config
 from megacontext.base_model import BaseModel
 from megacontext.data import WindowSampler
-from megacontext.training.checkpoint import CheckpointWarning
-from megacontext.training.episode import HistorySource, horizon_nll
+from megacontext.checkpoint import CheckpointWarning
+from megacontext.focus.horizon import horizon_nll
+from megacontext.focus.source import HistorySource
+from megacontext.modules import Modules
 from megacontext.training.loop import make_optimizer, plateaued, schedule, train
-from megacontext.training.phases import (
-    PHASE_OWNER,
-    build_modules,
-    jt1_step,
-    jt3_step,
-    label_step,
-    lens_examples,
-    lens_step,
-    warm_gist_step,
-)
+from megacontext.training.phases import PHASE_BY_NAME, label_step, lens_examples, lens_step
 from megacontext.working_context import WorkingContext, assemble
 
 # Two short cycles with a checkpoint after every step (mid-phase checkpoints to kill between).
 RUN_SETS = (
     "train.checkpoint_every=1",
-    "train.warm_gist_steps=2",
-    "train.warm_lens_steps=2",
-    "train.jt1_steps=2",
-    "train.jt2_steps=2",
-    "train.jt3_steps=2",
-    "train.label_candidates=4",
+    "train.phases.warm_gist.steps=2",
+    "train.phases.warm_lens.steps=2",
+    "train.phases.jt1.steps=2",
+    "train.phases.jt2.steps=2",
+    "train.phases.jt3.steps=2",
+    "train.labels.candidates=4",
     "train.focus_rounds=2",
     "train.cpu_threads=1",  # the same in both runs; no stalls on a busy machine
 )
@@ -80,10 +73,11 @@ def test_horizon_nll_scores_exactly_the_horizon_tokens(smoke_cfg, smoke_base, wi
 
 # --------------------------------------------------------------------- schedule
 def test_schedule_optimizer_and_early_stop(smoke_cfg):
-    t = dataclasses.replace(smoke_cfg.train, cycles=2, jt3_steps=0)
+    phases = dataclasses.replace(smoke_cfg.train.phases, jt3=dataclasses.replace(smoke_cfg.train.phases.jt3, steps=0))
+    t = dataclasses.replace(smoke_cfg.train, cycles=2, phases=phases)
     assert [p.name for p in schedule(t)] == ["c0-warm_gist", "c0-warm_lens", "c1-jt1", "c1-jt2", "c2-jt1", "c2-jt2"]
     w = torch.nn.Parameter(torch.zeros(2))
-    opt, sched = make_optimizer([w], 1.0, dataclasses.replace(t, warmup_fraction=0.2), steps=10)
+    opt, sched = make_optimizer([w], 1.0, dataclasses.replace(t.optim, warmup_fraction=0.2), steps=10)
     lrs = []
     for _ in range(10):
         lrs.append(sched.get_last_lr()[0])
@@ -99,7 +93,7 @@ def test_schedule_optimizer_and_early_stop(smoke_cfg):
 @pytest.fixture(scope="module")
 def modules(smoke_cfg, smoke_base):
     """Fresh modules on a private copy of the smoke base (LoRA is injected into it)."""
-    return build_modules(smoke_cfg, BaseModel.from_config(smoke_cfg))
+    return Modules.fresh(smoke_cfg, BaseModel.from_config(smoke_cfg), lora=True)
 
 
 def _params(m) -> dict[tuple[str, str], torch.Tensor]:
@@ -115,8 +109,9 @@ PHASE_LR = {"warm_gist": 3e-3, "jt1": 3e-3, "jt3": 3e-3, "warm_lens": 3e-3, "jt2
 
 @pytest.mark.parametrize("phase", ["warm_gist", "warm_lens", "jt1", "jt2", "jt3"])
 def test_phase_lowers_its_loss_and_changes_only_its_module(phase, modules, smoke_cfg, windows):
-    m, cfg, owner = modules, smoke_cfg, PHASE_OWNER[phase]
-    if owner == "lensnet":
+    m, cfg, spec = modules, smoke_cfg, PHASE_BY_NAME[phase]
+    owner = spec.owner
+    if spec.step is None:
         rng = np.random.default_rng(0)
         snaps, rows = label_step(m, cfg, windows, rng, 1, 0, on_policy=phase == "jt2", gist_version="v")
         examples = lens_examples(m, cfg, snaps, rows)
@@ -124,10 +119,8 @@ def test_phase_lowers_its_loss_and_changes_only_its_module(phase, modules, smoke
         def step():
             return lens_step(m, cfg, examples)
     else:
-        fn = {"warm_gist": warm_gist_step, "jt1": jt1_step, "jt3": jt3_step}[phase]
-
         def step():
-            return fn(m, cfg, windows, np.random.default_rng(0))  # the same batch every step
+            return spec.step(m, cfg, windows, np.random.default_rng(0))  # the same batch every step
 
     m.set_trainable(owner)
     before = _params(m)

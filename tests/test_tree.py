@@ -19,7 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from megacontext.errors import MegaContextError, TreeError
-from megacontext.tree import HEADER_SIZE, MAGIC, MegaContextTree
+from megacontext.tree import MegaContextTree
+from megacontext.tree_storage import HEADER_SIZE, MAGIC
 
 VOCAB = 997
 DIM = 8

@@ -19,10 +19,7 @@ One :meth:`FocusAllocator.refocus` pass:
 
 from __future__ import annotations
 
-import math
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -31,29 +28,9 @@ from numpy.lib.stride_tricks import sliding_window_view
 from megacontext.config import FocusConfig
 from megacontext.working_context import Action, Entry, WorkingContext, collapsible_groups
 
-__all__ = ["Action", "FocusAllocator", "AllocatorStats"]
+__all__ = ["Action", "FocusAllocator"]
 
 Candidate = tuple[Entry, float]  # (node to expand | parent to collapse into, score)
-
-
-@dataclass
-class AllocatorStats:
-    """Running telemetry (spec §5): swap rate and residency."""
-
-    refocuses: int = 0
-    expands: int = 0
-    collapses: int = 0
-    swap_rate_sum: float = 0.0
-    last_swap_rate: float = 0.0
-    residencies: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
-
-    def record(self, actions: list[Action], window: int) -> None:
-        self.refocuses += 1
-        self.expands += sum(a.kind == "expand" for a in actions)
-        self.collapses += sum(a.kind == "collapse" for a in actions)
-        self.last_swap_rate = len(actions) / max(1, window)
-        self.swap_rate_sum += self.last_swap_rate
-        self.residencies.extend(a.residency for a in actions)
 
 
 class _Queue:
@@ -96,7 +73,6 @@ class FocusAllocator:
         self.cfg = cfg
         self.block_size = block_size
         self.rng = rng if rng is not None else np.random.default_rng(0)
-        self.stats = AllocatorStats()
 
     # ------------------------------------------------------------------ public
     def refocus(self, wc: WorkingContext, scores: Any) -> list[Action]:
@@ -104,14 +80,11 @@ class FocusAllocator:
         if self.block_size is not None and self.block_size != wc.block_size:
             raise ValueError(f"allocator block_size {self.block_size} != working context's {wc.block_size}")
         s = _as_scores(scores, wc.cost)
-        window = wc.cost
         wc.next_step(self.cfg.cooldown)
         arr = wc.as_array()  # [W, 2] snapshot: candidates are nodes, re-located when applied
         expands = self._expand_candidates(wc, arr, s)
         collapses = self._collapse_candidates(wc, arr, s)
-        actions = self._apply(wc, expands, _Queue(collapses))
-        self.stats.record(actions, window)
-        return actions
+        return self._apply(wc, expands, _Queue(collapses))
 
     def refocus_passes(
         self,
@@ -128,21 +101,6 @@ class FocusAllocator:
             if not acts:
                 break
         return done
-
-    def residency_stats(self) -> dict[str, float]:
-        """Mean / p95 residency over recent completed residencies (one per action; a
-        collapse counts the mean of its children), swap rate (last and mean), counts."""
-        res = np.asarray(self.stats.residencies, dtype=np.float64)
-        st = self.stats
-        return {
-            "residency_mean": float(res.mean()) if len(res) else math.nan,
-            "residency_p95": float(np.percentile(res, 95)) if len(res) else math.nan,
-            "swap_rate": st.last_swap_rate,
-            "swap_rate_mean": st.swap_rate_sum / st.refocuses if st.refocuses else math.nan,
-            "refocuses": float(st.refocuses),
-            "expands": float(st.expands),
-            "collapses": float(st.collapses),
-        }
 
     # -------------------------------------------------------------- candidates
     def _blocked_positions(self, wc: WorkingContext, kind: str) -> list[int]:

@@ -82,11 +82,23 @@ class EmbeddedBaseConfig:
     passkey_trials: int = 30  # in-window passkey prompts (greedy exact match) for the report
 
 
+@dataclass(frozen=True)
+class TreeShape:
+    """What every layer above the tree needs of its geometry: ``K`` and the gist levels."""
+
+    block_size: int  # K: tokens per block, children per gist
+    levels: int  # gist levels above LOD0
+
+
 @dataclass
 class TreeConfig:
     block_size: int = 32  # K: tokens per block, children per gist
     levels: int = 2  # gist levels above LOD0
     gist_dtype: Literal["float16", "bfloat16", "float32"] = "float16"  # on-disk dtype
+
+    @property
+    def shape(self) -> TreeShape:
+        return TreeShape(self.block_size, self.levels)
 
 
 @dataclass
@@ -133,6 +145,69 @@ class LoraConfig:
     dropout: float = 0.0
     blocks: Literal["first", "last"] = "last"  # which two blocks get attention adapters
     embeddings: bool = True  # adapter on the input embeddings
+    keepalive_weight: float = 0.1  # JT3: KL to the adapter-free reference, next to NLL@H
+
+
+@dataclass
+class PhaseConfig:
+    """Steps and peak learning rate of one training phase (0 steps: the phase is skipped)."""
+
+    steps: int
+    lr: float
+
+
+@dataclass
+class PhasesConfig:
+    """One entry per phase, in training order: the warm start, then each cycle's JT1 -> JT2 -> JT3."""
+
+    warm_gist: PhaseConfig = field(default_factory=lambda: PhaseConfig(100, 1e-3))  # GistNet
+    warm_lens: PhaseConfig = field(default_factory=lambda: PhaseConfig(30, 1e-3))  # LensNet
+    jt1: PhaseConfig = field(default_factory=lambda: PhaseConfig(40, 1e-3))  # GistNet
+    jt2: PhaseConfig = field(default_factory=lambda: PhaseConfig(30, 1e-3))  # LensNet
+    jt3: PhaseConfig = field(default_factory=lambda: PhaseConfig(60, 1e-4))  # LoRA
+
+
+@dataclass
+class OptimConfig:
+    """AdamW + linear warm-up + cosine decay, shared by every phase."""
+
+    warmup_fraction: float = 0.1
+    grad_clip: float = 1.0
+    weight_decay: float = 0.01
+
+
+@dataclass
+class GistObjectiveConfig:
+    """GistNet's loss (warm_gist, JT1)."""
+
+    substitutability: Literal["kl", "dnll"] = "kl"
+    contrastive_weight: float = 0.0
+
+
+@dataclass
+class LensObjectiveConfig:
+    """LensNet's loss (warm_lens, JT2): signed regression + these weighted terms."""
+
+    rank_weight: float = 0.5  # pairwise ranking term
+    budget_weight: float = 0.1  # expand/collapse cost balance term
+    legality_weight: float = 0.1  # penalty on scores asking for impossible actions
+
+
+@dataclass
+class LabelConfig:
+    """Counterfactual labels for LensNet."""
+
+    snapshots: int = 4  # on-policy snapshots per label generation step
+    candidates: int = 16  # counterfactual candidates per snapshot
+    batch: int = 8  # counterfactual windows per batched base forward
+    reuse: int = 1  # LensNet steps that train on each label step's snapshots (>= 1)
+
+
+@dataclass
+class ValidationConfig:
+    windows: int = 16  # validation windows after every phase
+    plateau_patience: int = 0  # cycles without improvement before stopping; 0 = never stop early
+    plateau_tolerance: float = 0.005
 
 
 @dataclass
@@ -142,34 +217,36 @@ class TrainConfig:
     history_min: int = 1024  # tokens of history before the cursor (sampled per window)
     history_max: int = 2048
     batch_size: int = 4
-    warm_gist_steps: int = 100
-    warm_lens_steps: int = 30
-    jt1_steps: int = 40
-    jt2_steps: int = 30
-    jt3_steps: int = 60
-    lr_gist: float = 1e-3
-    lr_lens: float = 1e-3
-    lr_lora: float = 1e-4
-    warmup_fraction: float = 0.1
-    grad_clip: float = 1.0
-    weight_decay: float = 0.01
-    substitutability: Literal["kl", "dnll"] = "kl"
-    contrastive_weight: float = 0.0
-    keepalive_weight: float = 0.1
-    label_snapshots: int = 4  # on-policy snapshots per JT2 label generation step
-    label_candidates: int = 16  # counterfactual candidates per snapshot
-    label_batch: int = 8  # counterfactual windows per batched base forward
-    label_reuse: int = 1  # LensNet steps that train on each label step's snapshots (>= 1)
     focus_rounds: int = 3  # refocuses from the initial assembly that form an on-policy window
-    lens_rank_weight: float = 0.5  # JT2: pairwise ranking term
-    lens_budget_weight: float = 0.1  # JT2: expand/collapse cost balance term
-    lens_legality_weight: float = 0.1  # JT2: penalty on scores asking for impossible actions
     checkpoint_every: int = 0  # steps; 0 = only at phase ends
     cpu_threads: int = 0  # torch CPU threads while training; 0 = torch's default. 1 avoids stalls on a shared CPU
-    val_windows: int = 16
-    plateau_patience: int = 0  # cycles without improvement before stopping; 0 = never stop early
-    plateau_tolerance: float = 0.005
+    phases: PhasesConfig = field(default_factory=PhasesConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    gist: GistObjectiveConfig = field(default_factory=GistObjectiveConfig)
+    lens: LensObjectiveConfig = field(default_factory=LensObjectiveConfig)
+    labels: LabelConfig = field(default_factory=LabelConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+PHASE_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(PhasesConfig))
+
+# Keys of earlier versions -> where the setting lives now (named in the error message).
+RENAMED_KEYS: dict[str, str] = {
+    **{f"train.{p}_steps": f"train.phases.{p}.steps" for p in PHASE_NAMES},
+    "train.lr_gist": "train.phases.warm_gist.lr and train.phases.jt1.lr",
+    "train.lr_lens": "train.phases.warm_lens.lr and train.phases.jt2.lr",
+    "train.lr_lora": "train.phases.jt3.lr",
+    **{f"train.{k}": f"train.optim.{k}" for k in ("warmup_fraction", "grad_clip", "weight_decay")},
+    "train.substitutability": "train.gist.substitutability",
+    "train.contrastive_weight": "train.gist.contrastive_weight",
+    "train.keepalive_weight": "train.lora.keepalive_weight",
+    **{f"train.lens_{k}_weight": f"train.lens.{k}_weight" for k in ("rank", "budget", "legality")},
+    **{f"train.label_{k}": f"train.labels.{k}" for k in ("snapshots", "candidates", "batch", "reuse")},
+    "train.val_windows": "train.validation.windows",
+    "train.plateau_patience": "train.validation.plateau_patience",
+    "train.plateau_tolerance": "train.validation.plateau_tolerance",
+}
 
 
 @dataclass
@@ -340,6 +417,8 @@ def _merge(
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else str(k)
         if k not in fields:
+            if key in RENAMED_KEYS:
+                raise ConfigError(f"{key} has moved: use {RENAMED_KEYS[key]}", key=key, where=where)
             known = ", ".join(sorted(fields))
             raise ConfigError(f"unknown key {key!r} (known here: {known})", key=key, where=where)
         _, tp = fields[k]
@@ -462,6 +541,10 @@ def validate(cfg: Config) -> None:
     )
     need(cfg.train.batch_size >= 1, "train.batch_size", "must be at least 1")
     need(cfg.train.cycles >= 1, "train.cycles", "must be at least 1")
+    need(cfg.train.labels.reuse >= 1, "train.labels.reuse", "must be at least 1")
+    need(cfg.train.cpu_threads >= 0, "train.cpu_threads", "must be >= 0")
+    for name in PHASE_NAMES:
+        need(getattr(cfg.train.phases, name).steps >= 0, f"train.phases.{name}.steps", "must be >= 0")
     need(4 <= cfg.train.lora.rank <= 64, "train.lora.rank", "must be in [4, 64]")
     for k in ("val_fraction", "test_fraction"):
         v = getattr(cfg.data, k)

@@ -16,108 +16,28 @@ LOD1, LOD1 gists for LOD2): gists live in the base's input-embedding space.
 for ``m = mean(children)``; its only parameters are the per-level gains (so an optimiser
 still has something to hold).
 
-Also here: :func:`gists_for_history` (differentiable, for training), :class:`TreeGister`
-(what the tree calls), :func:`gistnet_version`, and safetensors :func:`save_module` /
-:func:`load_module` (used for LensNet too), plus the attention pieces LensNet reuses.
+Also here: :func:`gists_for_history` (differentiable, for training) and :class:`TreeGister`
+(what the tree calls). The attention pieces live in :mod:`megacontext.layers` (shared with
+LensNet); weight files and version hashes in :mod:`megacontext.weights`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import json
-import os
-from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from megacontext.config import GistNetConfig
-from megacontext.errors import ConfigError, MegaContextError
+from megacontext.errors import ConfigError
+from megacontext.layers import EPS, MLP, TransformerBlock, masked_attention, rope_tables
+from megacontext.weights import hash_state, module_version, tensor_bytes
 
-ROPE_THETA = 10_000.0
-EPS = 1e-6
 SCALE_EPS = 1e-12  # for RMS matching: far below any embedding scale (HF tables are ~1e-2)
 GIST_CHUNK = 256  # nodes per TreeGister batch (bounds activation memory)
 LEVEL_EMBED_STD = 0.5  # the stream is unit-RMS after the input norm; levels must be visible
 PROJ_INIT_STD = 1e-3  # last projection layer: small, not zero (gradients must reach the backbone)
-_META_KEY = "megacontext.module"
-
-
-# ----------------------------------------------------------------------------- attention pieces
-def masked_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Softmax attention ``q [N,h,Sq,hd]`` over ``k, v [N,h,Sk,hd]`` -> ``[N,h,Sq,hd]``.
-
-    ``key_mask [N, Sk]`` bool, True = the key takes part. A row with no valid key gets a
-    zero output (never NaN).
-    """
-    if key_mask is None:
-        return F.scaled_dot_product_attention(q, k, v)
-    has_key = key_mask.any(-1)  # [N]
-    allowed = key_mask | ~has_key[:, None]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None, None, :])
-    return out * has_key[:, None, None, None].to(out.dtype)
-
-
-def rope_tables(positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary tables for float ``positions [S]`` -> ``(cos, sin)`` each ``[S, head_dim]``."""
-    inv_freq = ROPE_THETA ** (-torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
-    freqs = positions.float()[:, None] * inv_freq[None, :]
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos(), emb.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x [N,h,S,hd]`` by ``cos, sin [S,hd]`` (Llama half-split convention)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
-
-
-class MLP(nn.Module):
-    """``Linear -> GELU -> Linear``: ``[..., d_in] -> [..., d_out]``."""
-
-    def __init__(self, d_in: int, hidden: int, d_out: int) -> None:
-        super().__init__()
-        self.fc = nn.Linear(d_in, hidden)
-        self.out = nn.Linear(hidden, d_out)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(F.gelu(self.fc(x)))
-
-
-class TransformerBlock(nn.Module):
-    """Bidirectional pre-norm block (no causal mask): ``x [N, S, w] -> [N, S, w]``."""
-
-    def __init__(self, width: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.norm1 = nn.RMSNorm(width, eps=EPS)
-        self.qkv = nn.Linear(width, 3 * width)
-        self.attn_out = nn.Linear(width, width)
-        self.norm2 = nn.RMSNorm(width, eps=EPS)
-        self.mlp = MLP(width, 4 * width, width)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-        key_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """``rope``: ``(cos, sin) [S, hd]`` applied to q/k; ``key_mask [N, S]`` True = real."""
-        N, S, w = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(N, S, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        a = masked_attention(q, k, v, key_mask).transpose(1, 2).reshape(N, S, w)
-        x = x + self.attn_out(a)
-        return x + self.mlp(self.norm2(x))
 
 
 # ----------------------------------------------------------------------------- GistNet
@@ -278,72 +198,6 @@ def gists_for_history(gistnet: GistNet, token_embeds: torch.Tensor, block_size: 
     return out
 
 
-# ----------------------------------------------------------------------------- versions + files
-def module_config(module: nn.Module) -> dict:
-    """What identifies a module's architecture: class, config dataclass and sizes."""
-    cfg = getattr(module, "cfg", None)
-    out: dict = {"class": type(module).__name__}
-    if dataclasses.is_dataclass(cfg):
-        out["cfg"] = dataclasses.asdict(cfg)
-    for name in ("dim", "block_size", "levels"):
-        if isinstance(getattr(module, name, None), int):
-            out[name] = getattr(module, name)
-    return out
-
-
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
-def _hash_state(h: hashlib._Hash, state: dict[str, torch.Tensor]) -> None:
-    for name in sorted(state):
-        t = state[name]
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(_tensor_bytes(t))
-
-
-def gistnet_version(module: nn.Module) -> str:
-    """Short sha256 (16 hex) of the module's config and every tensor of its state dict."""
-    h = hashlib.sha256(json.dumps(module_config(module), sort_keys=True).encode())
-    _hash_state(h, module.state_dict())
-    return h.hexdigest()[:16]
-
-
-def save_module(module: nn.Module, path: str | os.PathLike) -> None:
-    """Weights to ``path`` (safetensors, written atomically) with the config as metadata."""
-    path = Path(path)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(module_config(module), sort_keys=True)})
-    os.replace(tmp, path)
-
-
-def load_module(module: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load weights saved by :func:`save_module` into ``module`` (in place; returns it).
-
-    Raises MegaContextError when the file is missing/corrupt or was saved from another
-    architecture (config metadata or tensor names/shapes differ).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise MegaContextError(f"no module weights at {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        raise MegaContextError(f"cannot read module weights {path}: {e}") from None
-    saved = json.loads(meta.get(_META_KEY, "{}"))
-    expected = module_config(module)
-    if saved != expected:
-        raise MegaContextError(f"{path} holds a {saved or 'module without config'}; expected {expected}")
-    try:
-        module.load_state_dict(tensors, strict=True)
-    except RuntimeError as e:
-        raise MegaContextError(f"{path} does not fit this {type(module).__name__}: {e}") from None
-    return module
-
-
 # ----------------------------------------------------------------------------- tree gister
 def _tensors_of(obj: object) -> list[torch.Tensor]:
     return list(obj.parameters()) + list(obj.buffers()) if isinstance(obj, nn.Module) else []
@@ -380,12 +234,12 @@ class TreeGister:
         key = self._state_key() if isinstance(self.embedding, nn.Module) else None
         if key is not None and self._cache is not None and self._cache[0] == key:
             return self._cache[1]
-        h = hashlib.sha256(gistnet_version(self.gistnet).encode())
+        h = hashlib.sha256(module_version(self.gistnet).encode())
         if isinstance(self.embedding, nn.Module):
-            _hash_state(h, self.embedding.state_dict())
+            hash_state(h, self.embedding.state_dict())
         else:
             with torch.no_grad():
-                h.update(_tensor_bytes(self.embedding(torch.arange(self.PROBE_IDS))))
+                h.update(tensor_bytes(self.embedding(torch.arange(self.PROBE_IDS))))
         version = h.hexdigest()[:16]
         self._cache = (key, version)
         return version

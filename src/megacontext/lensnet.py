@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from megacontext.config import LensNetConfig
-from megacontext.gistnet import EPS, MLP, TransformerBlock, masked_attention
+from megacontext.layers import EPS, MLP, TransformerBlock, masked_attention
 from megacontext.working_context import EntrySource
 
 HEAD_INIT_STD = 0.01  # scores start near 0 (below the allocator's thresholds)

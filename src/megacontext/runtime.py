@@ -24,37 +24,17 @@ import numpy as np
 import torch
 
 from megacontext.allocator import FocusAllocator
-from megacontext.base_model import BaseModel
 from megacontext.config import Config, FocusConfig
+from megacontext.data.tokenizer import tokenizer_hash
 from megacontext.errors import MegaContextError
-from megacontext.gistnet import GistNet, TreeGister
-from megacontext.lensnet import LensNet, build_conditioning, entry_features
+from megacontext.focus.policies import refocus
+from megacontext.focus.source import TreeSource
+from megacontext.focus.trace import FocusTrace
+from megacontext.modules import Modules
 from megacontext.tree import MegaContextTree
 from megacontext.working_context import Action, Assembled, WorkingContext, assemble
 
 SESSION_FILE = "session.json"
-
-
-class TreeSource:
-    """EntrySource over a tree: LOD0 embeddings from the base, gists from storage."""
-
-    def __init__(self, tree: MegaContextTree, base: BaseModel) -> None:
-        self.tree = tree
-        self.base = base
-
-    def token_embeddings(self, positions: torch.Tensor) -> torch.Tensor:
-        """positions [n] -> [n, d] base input embeddings of those history tokens."""
-        if positions.numel() == 0:
-            return torch.zeros(0, self.base.dim, device=self.base.device, dtype=self.base.dtype)
-        lo, hi = int(positions.min()), int(positions.max()) + 1
-        ids = torch.from_numpy(self.tree.tokens(lo, hi).astype(np.int64))
-        ids = ids[(positions - lo).cpu()].to(self.base.device)
-        return self.base.embed(ids)
-
-    def gist_vectors(self, level: int, indices: torch.Tensor) -> torch.Tensor:
-        """indices [n] -> [n, d] stored gists of `level`, on the base's device/dtype."""
-        g = self.tree.gists(level, indices.cpu())
-        return g.to(device=self.base.device, dtype=self.base.dtype)
 
 
 @dataclass
@@ -90,19 +70,18 @@ class _Cache:
 class Session:
     """One MegaContext session: history tree + working context + frozen modules."""
 
-    base: BaseModel
-    gistnet: GistNet
-    lensnet: LensNet
+    modules: Modules
     tree: MegaContextTree
     focus: FocusConfig
     seed: int = 0
     wc: WorkingContext | None = None
     telemetry: list[BlockTelemetry] = field(default_factory=list)
-    actions: list[Action] = field(default_factory=list)
+    trace: FocusTrace = field(default_factory=FocusTrace)  # every refocus (and forced collapse)
     base_forward_ms: list[float] = field(default_factory=list)
     on_block: Callable[[BlockTelemetry], None] | None = None
 
     def __post_init__(self) -> None:
+        self.base = self.modules.base
         self.block_size = self.tree.block_size
         self.levels = self.tree.levels
         self.source = TreeSource(self.tree, self.base)
@@ -118,13 +97,6 @@ class Session:
 
     def _initial_wc(self, n: int) -> WorkingContext:
         return WorkingContext.initial(n, self.block_size, self.levels, self.focus.budget, self.focus.tail_blocks)
-
-    def set_budget(self, budget: int) -> None:
-        """Change W_max; the window is rebuilt by the initial assembly at the new budget."""
-        self.focus.budget = budget
-        self.allocator = FocusAllocator(self.focus, self.block_size, np.random.default_rng(self.seed))
-        self.wc = self._initial_wc(self.num_tokens) if self.num_tokens else None
-        self._cache = _Cache()
 
     # ----------------------------------------------------------------- ingest
     def ingest(self, ids: Sequence[int] | np.ndarray, progress: Callable[[int], None] | None = None) -> None:
@@ -142,17 +114,12 @@ class Session:
             else:
                 forced = self.wc.extend(self.num_tokens)
                 if forced:
-                    self.actions.extend(forced)
+                    self.trace.record(forced, self.wc.cost)
                     self._cache = _Cache()
             if self.num_tokens % self.block_size == 0:
                 self.refocus()
             if progress is not None:
                 progress(len(chunk))
-
-    def ingest_text(self, text: str) -> int:
-        ids = self.base.tokenizer.encode(text, add_special_tokens=False)
-        self.ingest(ids)
-        return len(ids)
 
     # ---------------------------------------------------------------- refocus
     def assemble(self) -> Assembled:
@@ -160,54 +127,18 @@ class Session:
             raise MegaContextError("the session is empty: ingest some text first")
         return assemble(self.wc, self.source, self.focus.position_mode)
 
-    @torch.no_grad()
-    def scores(self, window: Assembled) -> np.ndarray:
-        """LensNet scores [W] for the assembled window (non-causal, one call)."""
-        wc = self.wc
-        assert wc is not None
-        log_w, log_d = entry_features(window.levels, window.starts, window.ends, wc.num_tokens, self.block_size)
-        cond, cond_mask = build_conditioning(
-            self.source,
-            wc.num_tokens,
-            wc.tail_start,
-            self.block_size,
-            self.levels,
-            self.lensnet.cfg.lod1_conditioning,
-            self.base.dim,
-        )
-        dev = window.embeds.device
-        s = self.lensnet(
-            window.embeds[None].float(),
-            window.levels[None].to(dev),
-            log_w[None].to(dev),
-            log_d[None].to(dev),
-            torch.ones(1, len(window.levels), dtype=torch.bool, device=dev),
-            cond[None].float().to(dev),
-            cond_mask[None].to(dev),
-        )
-        return s[0].float().cpu().numpy()
-
     def refocus(self) -> list[Action]:
-        """LensNet + allocator, up to focus.passes passes; invalidates the KV cache."""
+        """LensNet + allocator (the focus room's :func:`refocus`); invalidates the KV cache."""
         if self.wc is None:
             return []
-        t_asm = t_lens = t_alloc = 0.0
-        done: list[Action] = []
-        for _ in range(self.focus.passes):
-            t0 = time.perf_counter()
-            window = self.assemble()
-            t1 = time.perf_counter()
-            s = self.scores(window)
-            t2 = time.perf_counter()
-            acts = self.allocator.refocus(self.wc, s)
-            t3 = time.perf_counter()
-            t_asm, t_lens, t_alloc = t_asm + t1 - t0, t_lens + t2 - t1, t_alloc + t3 - t2
-            done.extend(acts)
-            if not acts:
-                break
+        timer: dict[str, float] = {}
+        entries = self.wc.cost
+        t0 = time.perf_counter()
+        done = refocus(self.wc, self.source, self.modules.lensnet, self.allocator, self.focus.position_mode, timer)
+        total = time.perf_counter() - t0
         if done:
             self._cache = _Cache()
-        self.actions.extend(done)
+        self.trace.record(done, entries)
         rec = BlockTelemetry(
             block=self.num_tokens // self.block_size,
             history_tokens=self.num_tokens,
@@ -216,10 +147,10 @@ class Session:
             actions=len(done),
             expands=sum(a.kind == "expand" for a in done),
             collapses=sum(a.kind == "collapse" for a in done),
-            swap_rate=len(done) / max(1, len(self.wc.entries)),
-            ms_lensnet=1e3 * t_lens,
-            ms_allocator=1e3 * t_alloc,
-            ms_assemble=1e3 * t_asm,
+            swap_rate=self.trace.last_swap_rate,
+            ms_lensnet=1e3 * timer.get("lensnet", 0.0),
+            ms_allocator=1e3 * (total - timer.get("lensnet", 0.0) - timer.get("assemble", 0.0)),
+            ms_assemble=1e3 * timer.get("assemble", 0.0),
         )
         self.telemetry.append(rec)
         if self.on_block is not None:
@@ -298,7 +229,7 @@ class Session:
             "covered_tokens": s["covered_tokens"],
             "history_tokens": s["history_tokens"],
             "refocuses": len(self.telemetry),
-            "actions": len(self.actions),
+            "actions": sum(len(a) for a in self.trace.actions),
         }
 
     # ------------------------------------------------------------ persistence
@@ -331,52 +262,10 @@ class Session:
                 self._cache = _Cache()
 
 
-def build_modules(cfg: Config, base: BaseModel) -> tuple[GistNet, LensNet]:
-    """Fresh (untrained) GistNet and LensNet sized for `base`, in eval mode."""
-    torch.manual_seed(cfg.seed)
-    gistnet = GistNet(cfg.gistnet, base.dim, cfg.tree.block_size, cfg.tree.levels).eval()
-    lensnet = LensNet(cfg.lensnet, base.dim, cfg.tree.levels).eval()
-    return gistnet, lensnet
-
-
-def make_gister(base: BaseModel, gistnet: GistNet) -> TreeGister:
-    return TreeGister(gistnet, base.model.get_input_embeddings())
-
-
-# --------------------------------------------------------------------------- loading
-def tokenizer_fingerprint(tokenizer) -> str:
-    """Short hash of a fast tokenizer's full definition (vocab, merges, normalizers)."""
-    import hashlib
-
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def load_session_modules(cfg: Config, checkpoint: str | None = "auto"):
-    """(base, gistnet, lensnet, checkpoint_path_or_None) for the runtime CLI.
-
-    `checkpoint`: a checkpoint folder, a run folder, "latest", "none", or "auto"
-    (latest when one exists under the artifact root, else untrained modules).
-    """
-    from megacontext.training.checkpoint import find_checkpoint, load_modules_from_checkpoint
-
-    base = BaseModel.from_config(cfg)
-    gistnet, lensnet = build_modules(cfg, base)
-    path = find_checkpoint(cfg, checkpoint)
-    if path is not None:
-        load_modules_from_checkpoint(path, base, gistnet, lensnet)
-    gistnet.to(base.device).eval()
-    lensnet.to(base.device).eval()
-    return base, gistnet, lensnet, path
-
-
-def open_or_create_tree(
-    cfg: Config, base: BaseModel, gistnet: GistNet, path: Path, create: bool
-) -> MegaContextTree:
+def open_or_create_tree(cfg: Config, modules: Modules, path: Path, create: bool) -> MegaContextTree:
     """Open a disk tree checked against this base (model, tokenizer, dim); create if asked."""
-    gister = make_gister(base, gistnet)
-    tok_hash = tokenizer_fingerprint(base.tokenizer)
+    base, gister = modules.base, modules.gister()
+    tok_hash = tokenizer_hash(base.tokenizer)[:16]  # the short form trees store
     if path.exists() and any(path.iterdir()):
         tree = MegaContextTree.open(path, gister, expect_model=base.name, expect_tokenizer=tok_hash)
         if (tree.levels, tree.block_size) != (cfg.tree.levels, cfg.tree.block_size):

@@ -373,10 +373,6 @@ class WorkingContext:
         """int64 [W]."""
         return self.as_array()[:, 0].copy()
 
-    def indices_array(self) -> np.ndarray:
-        """int64 [W]."""
-        return self.as_array()[:, 1].copy()
-
     def spans(self) -> tuple[np.ndarray, np.ndarray]:
         """(starts int64 [W], ends int64 [W]): token span of each entry."""
         arr = self.as_array()

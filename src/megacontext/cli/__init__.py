@@ -45,7 +45,7 @@ Every subcommand takes --config PATH (YAML, or a name from configs/) and repeate
 
 
 def add_checkpoint(p: argparse.ArgumentParser) -> None:
-    """--checkpoint, resolved by ``training.checkpoint`` the same way for every command."""
+    """--checkpoint, resolved by ``megacontext.checkpoint`` the same way for every command."""
     p.add_argument(
         "--checkpoint",
         default="auto",

@@ -82,8 +82,9 @@ def default_out_dir(cfg, checkpoint: Path | None, variant: list[str]) -> Path:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from megacontext.eval.evaluate import EvalOptions, evaluate, load_eval_modules
+    from megacontext.eval.evaluate import EvalOptions, evaluate
     from megacontext.eval.results import write_eval_json
+    from megacontext.modules import Modules
 
     extra = [f"eval.split={args.split}"] if args.split else []
     extra += [f"eval.cursor={args.cursor}"] if args.cursor else []
@@ -97,7 +98,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         opts.windows = args.windows
     opts.data = args.data
     opts.loss = not args.passkey_only
-    modules = load_eval_modules(cfg, args.checkpoint, args.ablate)
+    modules = Modules.load(cfg, args.checkpoint, args.ablate)
     run = evaluate(cfg, modules, opts, progress=not args.no_progress)
     variant = [f"ablate-{args.ablate}"] if args.ablate else []
     variant += [f"data-{run.json['data']}"] if args.data else []
@@ -140,8 +141,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from megacontext.data import prepare_dataset
-    from megacontext.eval.evaluate import EvalOptions, evaluate, load_eval_modules
+    from megacontext.eval.evaluate import EvalOptions, evaluate
     from megacontext.eval.results import write_eval_json
+    from megacontext.modules import Modules
     from megacontext.training.loop import train
     from megacontext.training.pretrain_base import pretrain_base
 
@@ -151,7 +153,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         pretrain_base(cfg)
     summary = train(cfg, out_dir=args.out)
     run_dir = Path(summary["run_dir"])
-    modules = load_eval_modules(cfg, str(run_dir))
+    modules = Modules.load(cfg, str(run_dir))
     run = evaluate(cfg, modules, EvalOptions.from_config(cfg))
     write_eval_json(run.json, run_dir / "eval.json")
     report = make_report(cfg, run_dir)

@@ -71,13 +71,15 @@ def _read_input(path: str) -> str:
 def cmd_ingest(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from megacontext.runtime import open_or_create_tree, load_session_modules
+    from megacontext.modules import Modules
+    from megacontext.runtime import open_or_create_tree
 
     cfg = load_args_config(args)
     text = _read_input(args.input)  # before touching the tree
-    base, gistnet, _lensnet, ckpt = load_session_modules(cfg, args.checkpoint)
-    ids = base.tokenizer.encode(text, add_special_tokens=False)
-    tree = open_or_create_tree(cfg, base, gistnet, Path(args.tree), create=True)
+    modules = Modules.load(cfg, args.checkpoint)
+    ckpt = modules.checkpoint
+    ids = modules.base.tokenizer.encode(text, add_special_tokens=False)
+    tree = open_or_create_tree(cfg, modules, Path(args.tree), create=True)
     before = tree.num_tokens
     chunk = 8192
     with tqdm(total=len(ids), unit="tok", desc="ingest", disable=not sys.stderr.isatty()) as bar:
@@ -118,7 +120,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from megacontext.runtime import Session, load_session_modules, open_or_create_tree
+    from megacontext.modules import Modules
+    from megacontext.runtime import Session, open_or_create_tree
 
     try:
         args.prompt.encode("utf-8")
@@ -130,9 +133,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     cfg = load_args_config(args, extra)
     if not Path(args.tree).exists():
         raise MegaContextError(f"no tree at {args.tree}: create one with `megacontext ingest --tree {args.tree} --input FILE`")
-    base, gistnet, lensnet, ckpt = load_session_modules(cfg, args.checkpoint)
-    tree = open_or_create_tree(cfg, base, gistnet, Path(args.tree), create=False)
-    session = Session(base, gistnet, lensnet, tree, cfg.focus, seed=cfg.seed)
+    modules = Modules.load(cfg, args.checkpoint)
+    base, ckpt = modules.base, modules.checkpoint
+    tree = open_or_create_tree(cfg, modules, Path(args.tree), create=False)
+    session = Session(modules, tree, cfg.focus, seed=cfg.seed)
     session.restore_focus()
     prompt_ids = base.tokenizer.encode(args.prompt, add_special_tokens=False)
     out_ids = session.generate(prompt_ids, args.max_new_tokens, temperature=args.temperature)

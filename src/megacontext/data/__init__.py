@@ -1,9 +1,8 @@
 """Data pipeline: sources -> tokenizer -> Arrow shards + manifest; window sampler; passkeys."""
 
 from megacontext.data.passkey import PasskeyExample, make_passkey, passkey_training_sequence
-from megacontext.data.prepare import SPLITS, PreparedDataset, dataset_dir, prepare_dataset
+from megacontext.data.prepare import SPLITS, PreparedDataset, dataset_dir, load_base_tokenizer, prepare_dataset
 from megacontext.data.sampler import Window, WindowSampler
-from megacontext.data.tokenizer import load_base_tokenizer
 
 __all__ = [
     "SPLITS",

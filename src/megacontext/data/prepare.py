@@ -25,7 +25,7 @@ from typing import Iterator
 
 import numpy as np
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from megacontext.config import Config
 from megacontext.data.shards import ShardWriter, check_shard, read_shard, sha256_file
@@ -105,6 +105,23 @@ def dataset_dir(cfg: Config, source: str | None = None) -> Path:
     spec = source or cfg.data.source
     plan = _tokenizer_plan(cfg, None)
     return cfg.data_root / _dataset_name(cfg, spec, plan, _settings(cfg, spec, plan))
+
+
+def load_base_tokenizer(cfg: Config) -> PreTrainedTokenizerBase:
+    """The tokenizer the configured base uses.
+
+    HF base: its own tokenizer. Embedded base: the BPE saved with the prepared dataset
+    (``megacontext prepare`` must have run for this config).
+    """
+    if cfg.base.name != "embedded":
+        return load_hf_tokenizer(cfg.base.name)
+    tok_dir = dataset_dir(cfg) / "tokenizer"
+    if not (tok_dir / "tokenizer.json").is_file():
+        raise DataError(
+            f"no tokenizer for the embedded base at {tok_dir}; run `megacontext prepare` "
+            "with this config first"
+        )
+    return PreTrainedTokenizerFast.from_pretrained(str(tok_dir))
 
 
 def split_of(content_sha256: str, val_fraction: float, test_fraction: float) -> str:

@@ -8,7 +8,6 @@ from typing import Iterable
 
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from megacontext.config import Config
 from megacontext.errors import DataError
 
 BOS_EOS = "<|endoftext|>"
@@ -71,22 +70,3 @@ def encode_batch(tok: PreTrainedTokenizerBase, texts: list[str]) -> list[list[in
     if backend is not None:
         return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
     return [tok.encode(t, add_special_tokens=False) for t in texts]
-
-
-def load_base_tokenizer(cfg: Config) -> PreTrainedTokenizerBase:
-    """The tokenizer the configured base uses.
-
-    HF base: its own tokenizer. Embedded base: the BPE saved with the prepared dataset
-    (``megacontext prepare`` must have run for this config).
-    """
-    if cfg.base.name != "embedded":
-        return load_hf_tokenizer(cfg.base.name)
-    from megacontext.data.prepare import dataset_dir
-
-    tok_dir = dataset_dir(cfg) / "tokenizer"
-    if not (tok_dir / "tokenizer.json").is_file():
-        raise DataError(
-            f"no tokenizer for the embedded base at {tok_dir}; run `megacontext prepare` "
-            "with this config first"
-        )
-    return PreTrainedTokenizerFast.from_pretrained(str(tok_dir))

@@ -4,7 +4,7 @@ Windows come from the chosen split's documents with at least ``history + H`` tok
 ``history = max(eval.history_tokens, 4 * max(budgets))`` tokens before the cursor, the
 cursor random (seeded) or at the document's end. Every policy sees the same windows.
 Loss@H is the mean NLL of the ``H`` real tokens after the cursor (training's
-:func:`~megacontext.training.episode.horizon_nll`), with the window held fixed over them.
+:func:`~megacontext.focus.horizon.horizon_nll`), with the window held fixed over them.
 """
 
 from __future__ import annotations
@@ -24,72 +24,17 @@ from megacontext.config import Config, derive_seed
 from megacontext.data import SPLITS, PreparedDataset, Window, WindowSampler, prepare_dataset
 from megacontext.errors import DataError, MegaContextError
 from megacontext.eval.passkey import passkey_grid
-from megacontext.eval.policies import POLICIES, RAW_POLICIES, PolicyModules, PolicyWindow, policy_window
 from megacontext.eval.results import loss_rows, make_eval_json
 from megacontext.eval.timing import measure_timing
-from megacontext.gistnet import GistNet
-from megacontext.lensnet import LensNet
-from megacontext.runtime import build_modules
-from megacontext.training.episode import build_source, horizon_nll
+from megacontext.focus.policies import POLICIES, RAW_POLICIES, FocusSettings, PolicyWindow, policy_nll
+from megacontext.focus.source import build_source
+from megacontext.modules import Modules
 
-ABLATIONS = ("gistnet", "lensnet", "lora")
 Say = Callable[[str], None]
 
 
 def _stderr(msg: str) -> None:
     print(f"[eval] {msg}", file=sys.stderr, flush=True)
-
-
-# --------------------------------------------------------------------------- modules
-@dataclass
-class EvalModules:
-    base: BaseModel  # with the checkpoint's LoRA adapter merged, if any
-    plain_base: BaseModel  # without it (the same object when there is no adapter)
-    gistnet: GistNet
-    lensnet: LensNet
-    checkpoint: Path | None
-    ablate: str | None = None
-
-
-def load_eval_modules(cfg: Config, checkpoint: str, ablate: str | None = None, say: Say = _stderr) -> EvalModules:
-    """Base (+ LoRA), GistNet and LensNet of ``checkpoint``, one of them swapped when ablating.
-
-    ``ablate``: "gistnet" / "lensnet" -> a fresh (untrained) module; "lora" -> the base
-    without the adapter (the checkpoint's GistNet and LensNet are kept).
-    """
-    from megacontext.runtime import load_session_modules
-    from megacontext.training.checkpoint import find_checkpoint, open_checkpoint
-
-    if ablate not in (None, *ABLATIONS):
-        raise MegaContextError(f"--ablate must be one of {', '.join(ABLATIONS)}, got {ablate!r}")
-    if ablate == "lora":
-        path = find_checkpoint(cfg, checkpoint)
-        base = plain_base = BaseModel.from_config(cfg)
-        gistnet, lensnet = build_modules(cfg, base)
-        if path is not None:
-            ckpt = open_checkpoint(path)
-            ckpt.load_module("gistnet", gistnet)
-            ckpt.load_module("lensnet", lensnet)
-            if not _has_lora(path):
-                say(f"checkpoint {path} has no LoRA adapter: --ablate lora changes nothing")
-        gistnet.to(base.device).eval()
-        lensnet.to(base.device).eval()
-    else:
-        base, gistnet, lensnet, path = load_session_modules(cfg, checkpoint)
-        plain_base = BaseModel.from_config(cfg) if path is not None and _has_lora(path) else base
-        if ablate is not None:
-            fresh_gist, fresh_lens = build_modules(cfg, base)
-            if ablate == "gistnet":
-                gistnet = fresh_gist.to(base.device).eval()
-            else:
-                lensnet = fresh_lens.to(base.device).eval()
-    if path is None:
-        say("no trained checkpoint: evaluating untrained GistNet/LensNet")
-    return EvalModules(base, plain_base, gistnet, lensnet, path, ablate)
-
-
-def _has_lora(checkpoint: Path) -> bool:
-    return (checkpoint / "lora" / "adapter_model.safetensors").is_file()
 
 
 # ------------------------------------------------------------------------------ data
@@ -183,11 +128,11 @@ def _window_rng(seed: int, policy: str, budget: int, index: int) -> np.random.Ge
 
 @torch.no_grad()
 def loss_at_h(
-    mods: PolicyModules,
+    mods: Modules,
+    settings: FocusSettings,
     windows: Sequence[Window],
     budgets: Sequence[int],
     policies: Sequence[str],
-    horizon: int,
     batch_size: int,
     seed: int,
     progress: bool = False,
@@ -201,18 +146,11 @@ def loss_at_h(
     bar = tqdm(total=len(windows), desc="loss@H", unit="win", disable=not progress)
     for lo in range(0, len(windows), batch_size):
         batch = windows[lo : lo + batch_size]
-        sources = [
-            build_source(mods.base, mods.gistnet, w.history, mods.block_size, mods.levels) if needs_gists else None
-            for w in batch
-        ]
-        horizons = np.stack([w.horizon for w in batch])
+        sources = [build_source(mods.base, mods.gistnet, w.history, settings.shape) if needs_gists else None for w in batch]
         for policy in policies:
             for budget in budgets[:1] if policy == "reference" else budgets:
-                pws = [
-                    policy_window(policy, mods, w.history, src, budget, horizon, _window_rng(seed, policy, budget, i))
-                    for i, (w, src) in enumerate(zip(batch, sources), start=lo)
-                ]
-                nll = horizon_nll(mods.base_for(policy), [pw.prefix for pw in pws], horizons).float().cpu().tolist()
+                rngs = [_window_rng(seed, policy, budget, i) for i in range(lo, lo + len(batch))]
+                nll, pws = policy_nll(policy, mods, settings.at_budget(budget), batch, sources, rngs)
                 for b in budgets if policy == "reference" else [budget]:
                     stats[(b, policy)].add(nll, pws)
         bar.update(len(batch))
@@ -253,7 +191,7 @@ def eval_history_tokens(cfg: Config, budgets: Sequence[int]) -> int:
 
 
 def evaluate(
-    cfg: Config, modules: EvalModules, opts: EvalOptions, progress: bool = True, say: Say = _stderr
+    cfg: Config, modules: Modules, opts: EvalOptions, progress: bool = True, say: Say = _stderr
 ) -> EvalRun:
     """Run the protocol of spec §6 and return eval.json (not yet written)."""
     if not opts.budgets:
@@ -269,17 +207,19 @@ def evaluate(
         say(f"history raised from {cfg.eval.history_tokens} to {history} tokens (>= 4x the largest budget)")
     min_tokens = history + H if opts.loss else 1  # passkey only: any document can be filler
     data = load_eval_data(cfg, base, opts.data, opts.split, min_tokens, progress, say)
-    mods = PolicyModules.from_config(cfg, base, modules.plain_base, modules.gistnet, modules.lensnet)
+    if modules.checkpoint is None:
+        say("no trained checkpoint: evaluating untrained GistNet/LensNet")
+    settings = FocusSettings.from_config(cfg, greedy=True)
     budgets = sorted(set(opts.budgets))
     stats: dict[tuple[int, str], PolicyStats] = {}
     windows: list[Window] = []
     if opts.loss:
         windows = select_windows(data.docs, history, H, opts.cursor, opts.windows, cfg.seed)
-        stats = loss_at_h(mods, windows, budgets, opts.policies, H, cfg.eval.batch_size, cfg.seed, progress)
+        stats = loss_at_h(modules, settings, windows, budgets, opts.policies, cfg.eval.batch_size, cfg.seed, progress)
     passkey = []
     if opts.passkey:
-        passkey = passkey_grid(mods, cfg.eval, data.filler, budgets, opts.policies, cfg.seed, progress)
-    timing = measure_timing(mods, max(data.docs, key=len), max(budgets), cfg.seed)
+        passkey = passkey_grid(modules, settings, cfg.eval, data.filler, budgets, opts.policies, cfg.seed, progress)
+    timing = measure_timing(modules, settings.at_budget(max(budgets)), max(data.docs, key=len), cfg.seed)
     header = {
         "horizon": H,
         "block_size": cfg.tree.block_size,

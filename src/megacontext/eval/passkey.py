@@ -16,8 +16,8 @@ The other gist policies build their window over the whole prompt at once.
 
 from __future__ import annotations
 
-import dataclasses
 from collections import defaultdict
+from contextlib import nullcontext
 from typing import Sequence
 
 import numpy as np
@@ -27,9 +27,11 @@ from tqdm.auto import tqdm
 from megacontext.base_model import BaseModel
 from megacontext.config import EvalConfig, derive_seed
 from megacontext.data import PasskeyExample, make_passkey
-from megacontext.eval.policies import RAW_POLICIES, PolicyModules, policy_window
-from megacontext.runtime import Session, make_gister
-from megacontext.training.episode import Prefix, build_source, horizon_logits
+from megacontext.focus.horizon import PrefixLike, horizon_logits
+from megacontext.focus.policies import RAW_POLICIES, FocusSettings, PolicyRequest, policy_window, reading
+from megacontext.focus.source import build_source
+from megacontext.modules import Modules
+from megacontext.runtime import Session
 from megacontext.tree import MegaContextTree
 from megacontext.working_context import Assembled
 
@@ -50,7 +52,7 @@ def passkey_examples(
 
 
 @torch.no_grad()
-def answer_correct(base: BaseModel, prefixes: Sequence[Prefix | Assembled], answer: np.ndarray) -> list[bool]:
+def answer_correct(base: BaseModel, prefixes: Sequence[PrefixLike], answer: np.ndarray) -> list[bool]:
     """Greedy exact match of ``answer`` int64 [A] after each prefix (one batched forward)."""
     target = torch.as_tensor(np.tile(answer, (len(prefixes), 1)))
     logits = horizon_logits(base, list(prefixes), target)  # [B, A, V]
@@ -59,30 +61,31 @@ def answer_correct(base: BaseModel, prefixes: Sequence[Prefix | Assembled], answ
 
 
 @torch.no_grad()
-def session_window(mods: PolicyModules, prompt: np.ndarray, budget: int, seed: int) -> Assembled:
+def session_window(mods: Modules, settings: FocusSettings, prompt: np.ndarray, seed: int) -> Assembled:
     """The runtime's window after ingesting ``prompt`` (refocus per block + final rounds)."""
-    tree = MegaContextTree.create_ram(
-        mods.block_size, mods.levels, mods.base.dim, make_gister(mods.base, mods.gistnet)
-    )
-    focus = dataclasses.replace(mods.focus, budget=budget)
-    session = Session(mods.base, mods.gistnet, mods.lensnet, tree, focus, seed=seed)
+    shape = settings.shape
+    tree = MegaContextTree.create_ram(shape.block_size, shape.levels, mods.base.dim, mods.gister())
+    session = Session(mods, tree, settings.focus, seed=seed)
     session.ingest(prompt)
-    for _ in range(mods.rounds):
+    for _ in range(settings.rounds):
         session.refocus()
     return session.assemble()
 
 
 def _prefix(
-    policy: str, mods: PolicyModules, ex: PasskeyExample, source, budget: int, rng: np.random.Generator, seed: int
-) -> Prefix | Assembled:
+    policy: str, mods: Modules, settings: FocusSettings, ex: PasskeyExample, source, rng: np.random.Generator,
+    seed: int,
+) -> PrefixLike:
     if policy == "megacontext":
-        return session_window(mods, ex.prompt, budget, seed)
-    return policy_window(policy, mods, ex.prompt, source, budget, len(ex.answer), rng).prefix
+        return session_window(mods, settings, ex.prompt, seed)
+    with reading(mods, policy):
+        return policy_window(policy, PolicyRequest(mods, settings, ex.prompt, source, len(ex.answer), rng)).prefix
 
 
 @torch.no_grad()
 def passkey_grid(
-    mods: PolicyModules,
+    mods: Modules,
+    settings: FocusSettings,
     ecfg: EvalConfig,
     filler: Sequence[np.ndarray],
     budgets: Sequence[int],
@@ -96,14 +99,14 @@ def passkey_grid(
     needs_source = any(p not in RAW_POLICIES and p != "megacontext" for p in policies)
     for (length, depth, trial), ex in tqdm(examples, desc="passkey", unit="ex", disable=not progress):
         source = (
-            build_source(mods.base, mods.gistnet, ex.prompt, mods.block_size, mods.levels) if needs_source else None
+            build_source(mods.base, mods.gistnet, ex.prompt, settings.shape) if needs_source else None
         )
         keys, prefixes = [], []
         for policy in policies:
             for budget in budgets[:1] if policy == "reference" else budgets:
                 rng = np.random.default_rng(derive_seed(seed, "passkey-policy", policy, budget, length, depth, trial))
                 keys.append((policy, budget))
-                prefixes.append(_prefix(policy, mods, ex, source, budget, rng, seed))
+                prefixes.append(_prefix(policy, mods, settings.at_budget(budget), ex, source, rng, seed))
         ok = _score(mods, keys, prefixes, ex.answer, ecfg.batch_size)
         for (policy, budget), correct in zip(keys, ok):
             for b in budgets if policy == "reference" else [budget]:
@@ -116,18 +119,18 @@ def passkey_grid(
 
 
 def _score(
-    mods: PolicyModules, keys: Sequence[tuple[str, int]], prefixes: Sequence[Prefix | Assembled],
+    mods: Modules, keys: Sequence[tuple[str, int]], prefixes: Sequence[PrefixLike],
     answer: np.ndarray, batch_size: int,
 ) -> list[bool]:
     """Exact match per prefix, batched per reading base (plain for raw policies)."""
     ok = [False] * len(keys)
     for raw in (True, False):
         sel = [i for i, (policy, _) in enumerate(keys) if (policy in RAW_POLICIES) == raw]
-        base = mods.plain_base if raw else mods.base
-        for lo in range(0, len(sel), batch_size):
-            chunk = sel[lo : lo + batch_size]
-            for i, hit in zip(chunk, answer_correct(base, [prefixes[i] for i in chunk], answer)):
-                ok[i] = hit
+        with mods.plain() if raw else nullcontext():
+            for lo in range(0, len(sel), batch_size):
+                chunk = sel[lo : lo + batch_size]
+                for i, hit in zip(chunk, answer_correct(mods.base, [prefixes[i] for i in chunk], answer)):
+                    ok[i] = hit
     return ok
 
 

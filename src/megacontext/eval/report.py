@@ -26,12 +26,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from megacontext.config import Config  # noqa: E402
+from megacontext.config import PHASE_NAMES, Config  # noqa: E402
 from megacontext.errors import MegaContextError  # noqa: E402
 from megacontext.eval.results import acceptance_lines, format_table  # noqa: E402
 from megacontext.eval.timing import SessionTrace  # noqa: E402
 
-PHASE_ORDER = ("warm_gist", "warm_lens", "jt1", "jt2", "jt3")
 PLOTS_DIR = "report"
 LOD_BINS = 256  # history positions per column of the level-of-detail map
 
@@ -91,18 +90,18 @@ def session_trace_for_run(cfg: Config, run_dir: Path, tokens: int | None = None)
     shorter, the next longest ones are appended. Returns (trace, "") or (None, why not).
     """
     from megacontext.data import prepare_dataset
-    from megacontext.eval.evaluate import load_eval_modules
-    from megacontext.eval.policies import PolicyModules
     from megacontext.eval.timing import trace_session
+    from megacontext.focus.policies import FocusSettings
+    from megacontext.modules import Modules
 
     try:
-        mods = load_eval_modules(cfg, str(run_dir), say=lambda _msg: None)
+        mods = Modules.load(cfg, str(run_dir))
         docs = prepare_dataset(cfg, progress=False).documents("test")
     except MegaContextError as e:
         return None, str(e)
     if not docs:
         return None, "the test split has no documents"
-    pm = PolicyModules.from_config(cfg, mods.base, mods.plain_base, mods.gistnet, mods.lensnet)
+    settings = FocusSettings.from_config(cfg, greedy=True)
     n = tokens or 16 * cfg.focus.budget
     pieces, have = [], 0
     for doc in sorted(docs, key=len, reverse=True):
@@ -110,7 +109,7 @@ def session_trace_for_run(cfg: Config, run_dir: Path, tokens: int | None = None)
             break
         pieces.append(np.asarray(doc[: n - have], dtype=np.int64))
         have += len(pieces[-1])
-    return trace_session(pm, np.concatenate(pieces), cfg.focus.budget, cfg.seed), ""
+    return trace_session(mods, settings, np.concatenate(pieces), cfg.seed), ""
 
 
 # ------------------------------------------------------------------------------ plots
@@ -144,7 +143,7 @@ def plot_training_curves(records: Sequence[dict], path: Path) -> Path | None:
     by_phase: dict[str, list[dict]] = defaultdict(list)
     for r in records:
         by_phase[str(r.get("phase"))].append(r)
-    phases = sorted(by_phase, key=lambda p: (PHASE_ORDER.index(p) if p in PHASE_ORDER else len(PHASE_ORDER), p))
+    phases = sorted(by_phase, key=lambda p: (PHASE_NAMES.index(p) if p in PHASE_NAMES else len(PHASE_NAMES), p))
     if not phases:
         return None
     fig, axes = plt.subplots(1, len(phases), figsize=(3.6 * len(phases), 3.0), squeeze=False)

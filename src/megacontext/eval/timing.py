@@ -10,7 +10,6 @@ refocus latency, and timing GistNet per completed block while ingesting.
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -20,8 +19,9 @@ import numpy as np
 import torch
 
 from megacontext.base_model import BaseModel
-from megacontext.eval.policies import PolicyModules
-from megacontext.runtime import BlockTelemetry, Session, make_gister
+from megacontext.focus.policies import FocusSettings
+from megacontext.modules import Modules
+from megacontext.runtime import BlockTelemetry, Session
 from megacontext.tree import MegaContextTree
 
 
@@ -78,13 +78,12 @@ def _entries(session: Session) -> np.ndarray:
 
 
 @torch.no_grad()
-def trace_session(mods: PolicyModules, tokens: np.ndarray, budget: int, seed: int) -> SessionTrace:
-    """Ingest ``tokens`` int64 [T] block by block in a fresh RAM session at ``budget``."""
-    gister = TimedGister(make_gister(mods.base, mods.gistnet), mods.base.device)
-    tree = MegaContextTree.create_ram(mods.block_size, mods.levels, mods.base.dim, gister)
-    trace = SessionTrace(budget)
-    session = Session(mods.base, mods.gistnet, mods.lensnet, tree, dataclasses.replace(mods.focus, budget=budget),
-                      seed=seed)
+def trace_session(mods: Modules, settings: FocusSettings, tokens: np.ndarray, seed: int) -> SessionTrace:
+    """Ingest ``tokens`` int64 [T] block by block in a fresh RAM session at ``settings.budget``."""
+    gister = TimedGister(mods.gister(), mods.base.device)
+    tree = MegaContextTree.create_ram(settings.shape.block_size, settings.shape.levels, mods.base.dim, gister)
+    trace = SessionTrace(settings.budget)
+    session = Session(mods, tree, settings.focus, seed=seed)
 
     def record(t: BlockTelemetry) -> None:
         trace.history_tokens.append(t.history_tokens)
@@ -118,14 +117,15 @@ def base_forward_ms(base: BaseModel, tokens: np.ndarray, width: int) -> float:
     return _median_ms(lambda: base.forward(embeds, positions), base.device)
 
 
-def measure_timing(mods: PolicyModules, doc: np.ndarray, budget: int, seed: int) -> dict[str, float]:
-    """eval.json timing on one document at ``budget`` (W_max): see the module docstring.
+def measure_timing(mods: Modules, settings: FocusSettings, doc: np.ndarray, seed: int) -> dict[str, float]:
+    """eval.json timing on one document at ``settings.budget`` (W_max): see the module docstring.
 
-    The session ingests up to 8x ``budget`` tokens; ``refocus_ms`` is the median over the
+    The session ingests up to 8x the budget tokens; ``refocus_ms`` is the median over the
     refocuses whose history already exceeds the budget (full windows).
     """
+    budget = settings.budget
     tokens = np.asarray(doc[: 8 * budget], dtype=np.int64)
-    trace = trace_session(mods, tokens, budget, seed)
+    trace = trace_session(mods, settings, tokens, seed)
     full = [ms for n, ms in zip(trace.history_tokens, trace.refocus_ms) if n > budget] or trace.refocus_ms
     return {
         "base_forward_ms": base_forward_ms(mods.base, tokens, budget),

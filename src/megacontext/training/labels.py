@@ -33,7 +33,9 @@ import torch
 
 from megacontext.base_model import BaseModel
 from megacontext.errors import MegaContextError
-from megacontext.training.episode import HistorySource, LensInput, horizon_nll, lens_input
+from megacontext.focus.horizon import horizon_nll
+from megacontext.focus.lens import LensInput, lens_input
+from megacontext.focus.source import HistorySource
 from megacontext.working_context import WorkingContext, assemble
 
 MAD_TO_STD = 1.4826
@@ -280,7 +282,7 @@ def lens_example(
     K, W = wc.block_size, wc.cost
     with torch.no_grad():
         asm = assemble(wc, source, position_mode)
-        inputs = lens_input(wc, asm, source, lensnet, K, wc.levels)
+        inputs = lens_input(wc, asm, source, lensnet)
     targets = torch.zeros(W)
     labelled = torch.zeros(W, dtype=torch.bool)
     pos = torch.as_tensor(rows.position, dtype=torch.long)

@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -36,66 +36,50 @@ import yaml
 from accelerate import Accelerator
 
 from megacontext.base_model import BaseModel
-from megacontext.config import Config, TrainConfig, derive_seed, dump_yaml
-from megacontext.data import Window, WindowSampler, prepare_dataset
-from megacontext.errors import MegaContextError
-from megacontext.telemetry import Telemetry
-from megacontext.training.checkpoint import (
+from megacontext.checkpoint import (
     Checkpoint,
     CheckpointWarning,
     checkpoint_name,
     resolve_resume,
     save_checkpoint,
 )
+from megacontext.config import Config, OptimConfig, TrainConfig, derive_seed, dump_yaml
+from megacontext.data import Window, WindowSampler, prepare_dataset
+from megacontext.errors import MegaContextError
+from megacontext.modules import Modules
+from megacontext.telemetry import Telemetry
 from megacontext.training.labels import LensExample, read_labels, write_labels
-from megacontext.training.phases import (
-    PHASE_OWNER,
-    Modules,
-    StepOutput,
-    build_modules,
-    jt1_step,
-    jt3_step,
-    label_step,
-    lens_examples,
-    lens_step,
-    validate,
-    warm_gist_step,
-)
-
-PHASE_STEPS = {
-    "warm_gist": "warm_gist_steps",
-    "warm_lens": "warm_lens_steps",
-    "jt1": "jt1_steps",
-    "jt2": "jt2_steps",
-    "jt3": "jt3_steps",
-}
-PHASE_LR = {"gistnet": "lr_gist", "lensnet": "lr_lens", "lora": "lr_lora"}
-# Window-driven phases; the LensNet phases (warm_lens, jt2) train on labels via lens_step.
-STEP_FUNCTIONS: dict[str, Callable[..., StepOutput]] = {"warm_gist": warm_gist_step, "jt1": jt1_step, "jt3": jt3_step}
+from megacontext.training.phases import PHASE_BY_NAME, PHASES, Phase, label_step, lens_examples, lens_step
+from megacontext.training.validation import validate
 
 
 # ------------------------------------------------------------------------ schedule
 @dataclass(frozen=True)
 class PhasePlan:
     cycle: int  # 0 = warm start
-    phase: str  # warm_gist | warm_lens | jt1 | jt2 | jt3
+    phase: str  # a name of config.PHASE_NAMES
     steps: int
 
     @property
     def name(self) -> str:
         return checkpoint_name(self.cycle, self.phase)
 
+    @property
+    def spec(self) -> Phase:
+        return PHASE_BY_NAME[self.phase]
+
 
 def schedule(t: TrainConfig) -> list[PhasePlan]:
-    """Every phase with at least one step, in training order."""
-    plan = [PhasePlan(0, p, getattr(t, PHASE_STEPS[p])) for p in ("warm_gist", "warm_lens")]
+    """Every phase with at least one step, in training order: the warm start, then cycles."""
+    steps = {p.name: getattr(t.phases, p.name).steps for p in PHASES}
+    plan = [PhasePlan(0, p.name, steps[p.name]) for p in PHASES if not p.in_cycle]
     for c in range(1, t.cycles + 1):
-        plan += [PhasePlan(c, p, getattr(t, PHASE_STEPS[p])) for p in ("jt1", "jt2", "jt3")]
+        plan += [PhasePlan(c, p.name, steps[p.name]) for p in PHASES if p.in_cycle]
     return [p for p in plan if p.steps > 0]
 
 
 def make_optimizer(
-    params: list[torch.nn.Parameter], lr: float, t: TrainConfig, steps: int
+    params: list[torch.nn.Parameter], lr: float, t: OptimConfig, steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW + linear warmup (``warmup_fraction`` of the steps) + cosine decay to 0."""
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=t.weight_decay)
@@ -186,14 +170,14 @@ def _sampler(ctx: Context, *key: Any) -> WindowSampler:
 def phase_labels(ctx: Context, plan: PhasePlan, regenerate: bool) -> list[list[LensExample]]:
     """LensNet examples per label step of a lens phase, read back from ``deltas/cycle<c>/``.
 
-    Training step ``s`` uses label step ``s // train.label_reuse``. ``regenerate``: build
+    Training step ``s`` uses label step ``s // train.labels.reuse``. ``regenerate``: build
     the labels with the current (frozen) GistNet and LensNet first — at the start of every
     LensNet phase; a resumed mid-phase run reads the saved ones.
     """
     cfg, m = ctx.cfg, ctx.modules
     m.set_trainable(None)
     folder = ctx.run_dir / "deltas" / f"cycle{plan.cycle}"
-    label_steps = -(-plan.steps // cfg.train.label_reuse)
+    label_steps = -(-plan.steps // cfg.train.labels.reuse)
     if regenerate and ctx.accelerator.is_main_process:
         sampler = _sampler(ctx, plan.cycle, plan.phase, "labels")
         version = m.gist_version()
@@ -201,7 +185,7 @@ def phase_labels(ctx: Context, plan: PhasePlan, regenerate: bool) -> list[list[L
         ctx.telemetry.start_phase(f"c{plan.cycle} {plan.phase} labels", label_steps, 0)
         for step in range(label_steps):
             rng = np.random.default_rng(derive_seed(cfg.seed, plan.cycle, plan.phase, "labels", step))
-            windows = sampler.batch(step, cfg.train.label_snapshots)
+            windows = sampler.batch(step, cfg.train.labels.snapshots)
             s, r = label_step(m, cfg, windows, rng, plan.cycle, step, plan.phase == "jt2", version)
             snapshots += s
             rows += r
@@ -221,12 +205,12 @@ def run_phase(ctx: Context, plan: PhasePlan, resume_from: Checkpoint | None) -> 
     """Train one phase from ``ctx.state.step``, then validate and checkpoint it."""
     cfg, m, acc, tel, state = ctx.cfg, ctx.modules, ctx.accelerator, ctx.telemetry, ctx.state
     t_start = time.perf_counter()
-    owner = PHASE_OWNER[plan.phase]
+    phase = plan.spec
     start = state.step if state.phase == plan.name else 0
-    examples = phase_labels(ctx, plan, regenerate=start == 0) if owner == "lensnet" else None
-    m.set_trainable(owner)
-    params = m.parameters_of(owner)
-    optimizer, scheduler = make_optimizer(params, getattr(cfg.train, PHASE_LR[owner]), cfg.train, plan.steps)
+    examples = phase_labels(ctx, plan, regenerate=start == 0) if phase.step is None else None
+    m.set_trainable(phase.owner)
+    params = m.parameters_of(phase.owner)
+    optimizer, scheduler = make_optimizer(params, phase.settings(cfg).lr, cfg.train.optim, plan.steps)
     if start > 0:
         saved = resume_from.optimizer_state() if resume_from is not None else None
         if saved is None:
@@ -237,21 +221,20 @@ def run_phase(ctx: Context, plan: PhasePlan, resume_from: Checkpoint | None) -> 
     optimizer, scheduler = acc.prepare(optimizer, scheduler)
 
     sampler = _sampler(ctx, plan.cycle, plan.phase)
-    step_fn = STEP_FUNCTIONS.get(plan.phase)
     tel.start_phase(f"c{plan.cycle} {plan.phase}", plan.steps, start)
     for step in range(start, plan.steps):
         rng = np.random.default_rng(derive_seed(cfg.seed, plan.cycle, plan.phase, step))
         torch.manual_seed(derive_seed(cfg.seed, plan.cycle, plan.phase, step, "torch"))
         optimizer.zero_grad(set_to_none=True)
         if examples is not None:
-            batch = examples[step // cfg.train.label_reuse]
+            batch = examples[step // cfg.train.labels.reuse]
             out = lens_step(m, cfg, batch[acc.process_index :: acc.num_processes])
         else:
             windows = sampler.batch(step, cfg.train.batch_size)[acc.process_index :: acc.num_processes]
-            out = step_fn(m, cfg, windows, rng)  # type: ignore[misc]
+            out = phase.step(m, cfg, windows, rng)  # type: ignore[misc]
         acc.backward(out.loss)
         _average_gradients(acc, params)
-        grad_norm = acc.clip_grad_norm_(params, cfg.train.grad_clip)
+        grad_norm = acc.clip_grad_norm_(params, cfg.train.optim.grad_clip)
         optimizer.step()
         scheduler.step()
         state.step, state.global_step = step + 1, state.global_step + 1
@@ -315,10 +298,7 @@ def restore(ckpt: Checkpoint, cfg: Config, m: Modules, telemetry: Telemetry) -> 
         d.pop("wandb", None)
     if saved != now:
         warnings.warn(f"the config differs from the one {ckpt.path.name} was trained with; the run will not replay exactly")
-    ckpt.load_module("gistnet", m.gistnet)
-    ckpt.load_module("lensnet", m.lensnet)
-    if m.lora is not None:
-        ckpt.load_lora(m.lora)
+    m.load_checkpoint(ckpt)
     ckpt.restore_rng()
     state = TrainState(**ckpt.state)
     telemetry.truncate(state.telemetry_offsets)
@@ -347,8 +327,6 @@ def train(
 ) -> dict[str, Any]:
     """Warm start + ``cycles`` x (JT1 -> JT2 -> JT3); returns the run summary (also
     ``RUN_DIR/summary.json``). ``resume``: "latest" or a checkpoint folder."""
-    if cfg.train.label_reuse < 1 or cfg.train.cpu_threads < 0:
-        raise MegaContextError("train.label_reuse must be >= 1 and train.cpu_threads >= 0")
     with cpu_threads(cfg.train.cpu_threads):
         return _train(cfg, out_dir, cycles, resume, progress)
 
@@ -377,7 +355,7 @@ def _train(
     val_sampler = WindowSampler(
         data.documents("val"), t.horizon, t.history_min, t.history_max, "random", derive_seed(cfg.seed, "validation")
     )
-    modules = build_modules(cfg, base)
+    modules = Modules.fresh(cfg, base, lora=t.phases.jt3.steps > 0)
     accelerator = Accelerator(cpu=base.device.type == "cpu")
     telemetry = Telemetry(run_dir, cfg, progress)
     state = restore(ckpt, cfg, modules, telemetry) if ckpt is not None else TrainState()
@@ -388,7 +366,7 @@ def _train(
         accelerator=accelerator,
         telemetry=telemetry,
         train_docs=data.documents("train"),
-        val_windows=val_sampler.batch(0, t.val_windows),
+        val_windows=val_sampler.batch(0, t.validation.windows),
         state=state,
     )
 
@@ -398,7 +376,7 @@ def _train(
         for p in plan:
             if p.name in state.done:
                 continue
-            if plateaued(state.cycle_end_losses(plan), t.plateau_patience, t.plateau_tolerance):
+            if plateaued(state.cycle_end_losses(plan), t.validation.plateau_patience, t.validation.plateau_tolerance):
                 stopped_early = True
                 break
             run_phase(ctx, p, ckpt if state.phase == p.name else None)

@@ -1,6 +1,6 @@
 """Loss functions of the three phases. Pure tensor code; shapes in every docstring.
 
-Horizon losses work on logits ``[B, H, V]`` from :func:`episode.horizon_logits` and targets
+Horizon losses work on logits ``[B, H, V]`` from :func:`megacontext.focus.horizon.horizon_logits` and targets
 ``[B, H]`` (the real horizon tokens). LensNet losses work on one snapshot's scores ``[W]``.
 """
 
@@ -9,12 +9,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from megacontext.focus.horizon import nll
+
 
 # ------------------------------------------------------------------------ horizon
-def nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """logits [B, H, V], targets [B, H] -> mean NLL per row [B]."""
-    return F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none").mean(dim=1)
-
 
 def kl_from_reference(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """KL(reference || window) per row [B], averaged over the H horizon positions.

@@ -2,7 +2,7 @@
 
 One checkpoint folder, ``RUN_DIR/checkpoints/c<cycle>-<phase>[-s<step>]/``::
 
-    gistnet.safetensors     GistNet weights (gistnet.save_module: config in the metadata)
+    gistnet.safetensors     GistNet weights (weights.save_module: config in the metadata)
     lensnet.safetensors     LensNet weights
     lora/                   the LoRA adapter in peft format (save_pretrained, safetensors)
     optimizer.pt            optimiser + scheduler state of an unfinished phase (mid-phase only)
@@ -34,15 +34,14 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from megacontext.config import Config
+from megacontext.config import PHASE_NAMES, Config
 from megacontext.errors import MegaContextError
 from megacontext.durable import fsync_dir
-from megacontext.gistnet import load_module, save_module
+from megacontext.weights import load_module, save_module
 
-PHASES = ("warm_gist", "warm_lens", "jt1", "jt2", "jt3")
 LATEST = "latest"
 CHECKSUMS = "checksums.json"
-_NAME = re.compile(r"^c(\d+)-(warm_gist|warm_lens|jt1|jt2|jt3)(?:-s(\d+))?$")
+_NAME = re.compile(rf"^c(\d+)-({'|'.join(PHASE_NAMES)})(?:-s(\d+))?$")
 
 
 class CheckpointError(MegaContextError):
@@ -65,7 +64,7 @@ def order_key(name: str) -> tuple[int, int, float] | None:
     if m is None:
         return None
     step = float("inf") if m.group(3) is None else int(m.group(3))
-    return int(m.group(1)), PHASES.index(m.group(2)), step
+    return int(m.group(1)), PHASE_NAMES.index(m.group(2)), step
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -188,6 +187,10 @@ class Checkpoint:
         """Load ``<name>.safetensors`` into ``module`` (strict; the architecture must match)."""
         load_module(module, self.path / f"{name}.safetensors")
 
+    @property
+    def has_lora(self) -> bool:
+        return (self.path / "lora" / "adapter_model.safetensors").is_file()
+
     def load_lora(self, lora: Any) -> None:
         """Load the saved adapter weights into a peft model with the same adapter config."""
         from peft import set_peft_model_state_dict
@@ -282,24 +285,6 @@ def find_checkpoint(cfg: Config, which: str | None) -> Path | None:
             warnings.simplefilter("always", CheckpointWarning)
             return resolve_resume(root, LATEST).path
     except CheckpointError:
-        if required:
-            raise
-        return None
-
-
-def load_modules_from_checkpoint(path: Path, base: Any, gistnet: torch.nn.Module, lensnet: torch.nn.Module) -> None:
-    """Load GistNet, LensNet and (when present) the LoRA adapter into ``base.model``.
-
-    The adapter is injected in place, exactly as in training, and NOT merged: with tied
-    input/output embeddings a merged embedding adapter would also change the output head.
-    """
-    ckpt = open_checkpoint(Path(path))
-    ckpt.load_module("gistnet", gistnet)
-    ckpt.load_module("lensnet", lensnet)
-    if (ckpt.path / "lora" / "adapter_model.safetensors").is_file():
-        from peft import PeftModel
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # peft's tied-embedding notice: the head stays untouched
-            PeftModel.from_pretrained(base.model, str(ckpt.path / "lora"))
-        base.model.eval()
+        if which == "auto":  # nothing usable: untrained modules (the warnings said why)
+            return None
+        raise

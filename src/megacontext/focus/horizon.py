@@ -1,0 +1,84 @@
+"""What the base reads before the horizon, and the NLL of the horizon after it.
+
+- :class:`Prefix` — a raw context (``embeds`` [n, d], ``position_ids`` [n], ``next_position``);
+  an :class:`~megacontext.working_context.Assembled` window has the same three fields;
+- :func:`horizon_logits` / :func:`horizon_nll` — append the horizon after each prefix
+  (positions continue from ``next_position``) and score ONLY the real horizon tokens:
+  the logit at the prefix's last slot predicts ``horizon[0]``, the logit at ``horizon[i]``
+  predicts ``horizon[i+1]`` (spec §8: targets are never aligned to window slots).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from megacontext.base_model import BaseModel
+from megacontext.working_context import Assembled
+
+
+@dataclass
+class Prefix:
+    """A raw context fed before the horizon: ``embeds`` [n, d], ``position_ids`` [n]."""
+
+    embeds: torch.Tensor
+    position_ids: torch.Tensor
+    next_position: int
+
+
+PrefixLike = Prefix | Assembled  # anything with embeds / position_ids / next_position
+
+
+def raw_prefix(base: BaseModel, ids: np.ndarray | torch.Tensor) -> Prefix:
+    """Token ids [n] as a plain LOD0 prefix at positions 0..n-1."""
+    ids_t = torch.as_tensor(np.asarray(ids, dtype=np.int64), device=base.device)
+    n = int(ids_t.shape[0])
+    return Prefix(base.embed(ids_t), torch.arange(n, device=base.device), n)
+
+
+def nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """logits [B, H, V], targets [B, H] -> mean NLL per row [B]."""
+    return F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none").mean(dim=1)
+
+
+def _horizon_ids(horizons: Any, rows: int, device: torch.device) -> torch.Tensor:
+    """Horizon token ids (array / tensor, [H] or [B, H]) -> LongTensor [rows, H]."""
+    ids = horizons if torch.is_tensor(horizons) else torch.from_numpy(np.asarray(horizons, dtype=np.int64))
+    return ids.long().reshape(rows, -1).to(device)
+
+
+def _as_list(prefixes: PrefixLike | Sequence[PrefixLike]) -> list[PrefixLike]:
+    return [prefixes] if isinstance(prefixes, (Prefix, Assembled)) else list(prefixes)
+
+
+def horizon_logits(base: BaseModel, prefixes: PrefixLike | Sequence[PrefixLike], horizons: Any) -> torch.Tensor:
+    """Logits ``[B, H, V]`` predicting ``horizons`` [B, H] (or [H]) after each prefix.
+
+    Row b is ``prefix_b ++ embed(horizon_b[:-1])`` at positions
+    ``prefix.position_ids ++ next_position + (0..H-2)``; one batched, left-padded forward.
+    Output slot ``j`` is the logit at the prefix's last entry (``j = 0``) or at
+    ``horizon[j-1]`` (``j >= 1``): it predicts ``horizon[j]``.
+    """
+    prefixes = _as_list(prefixes)
+    horizon = _horizon_ids(horizons, len(prefixes), base.device)
+    H = horizon.shape[1]
+    embeds, positions = [], []
+    for p, h in zip(prefixes, horizon):
+        start = int(p.next_position)
+        embeds.append(torch.cat([p.embeds.to(base.dtype), base.embed(h[:-1]).to(base.dtype)]))
+        positions.append(
+            torch.cat([p.position_ids.to(base.device), torch.arange(start, start + H - 1, device=base.device)])
+        )
+    logits, _ = base.forward_padded(embeds, positions)
+    return logits[:, -H:]
+
+
+def horizon_nll(base: BaseModel, prefixes: PrefixLike | Sequence[PrefixLike], horizons: Any) -> torch.Tensor:
+    """Mean NLL per row ``[B]`` of the horizon tokens (nats/token)."""
+    prefixes = _as_list(prefixes)
+    target = _horizon_ids(horizons, len(prefixes), base.device)
+    return nll(horizon_logits(base, prefixes, target), target)

@@ -1,0 +1,452 @@
+"""Binary storage behind a :class:`megacontext.tree.MegaContextTree`: RAM and disk backends.
+
+The exact on-disk format and its commit protocol are specified in
+``docs/storage-format.md``; this module is its implementation. In brief, a disk tree is
+one folder holding ``LOD0.ctx`` (uint32 token ids), ``LOD1.ctx`` .. ``LOD{L}.ctx`` (gist
+vectors in the tree's gist dtype, row-major), each behind a fixed ``HEADER_SIZE``-byte
+header (magic, format version, shape, dtype, model name, gister version), and
+``metadata.json``, the commit record that holds the committed length of every level.
+Data is written past the committed end and fsynced first; replacing ``metadata.json``
+atomically is the durability point, so bytes past the committed lengths are ignored
+(and dropped when the tree is next opened for writing).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import BinaryIO, Iterable, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from megacontext.errors import TreeError
+from megacontext.durable import fsync_dir
+
+MAGIC = b"MEGACTX\x00"
+FORMAT_VERSION = 1
+HEADER_SIZE = 512  # bytes before the first item of every level file
+METADATA_FILE = "metadata.json"
+FORMAT_NAME = "megacontext-tree"
+GIST_DTYPES = ("float16", "bfloat16", "float32")
+MODEL_NAME_BYTES = 256
+VERSION_BYTES = 64
+
+# magic | format version | level | levels | block size | dim | reserved | dtype | model | gist version
+_HEADER = struct.Struct("<8sIIIIII8s256s64s")
+_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_NUMPY_DTYPES = {"uint32": np.uint32, "float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}
+
+
+# ----------------------------------------------------------------------------- values
+def _encode(g: torch.Tensor, dtype: str) -> np.ndarray:
+    """float32 [n, d] -> numpy array in the storage dtype (bfloat16 as raw uint16 bits)."""
+    t = g.to(_TORCH_DTYPES[dtype]).contiguous()
+    if dtype == "bfloat16":
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+def _decode(a: np.ndarray, dtype: str) -> torch.Tensor:
+    """Stored array [n, d] -> float32 tensor (owns its memory)."""
+    a = np.array(a, copy=True)
+    if dtype == "bfloat16":
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16).float()
+    return torch.from_numpy(a).float()
+
+
+def quantize(g: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Round float32 gists through the storage dtype (what a reader will get back)."""
+    return g if dtype == "float32" else g.to(_TORCH_DTYPES[dtype]).float()
+
+
+def check_shape_args(block_size: int, levels: int, dim: int) -> None:
+    """TreeError unless block_size >= 2, levels >= 1 and dim >= 1 are ints (for new trees and metadata.json)."""
+    for name, value, least in (("block_size", block_size, 2), ("levels", levels, 1), ("dim", dim, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise TreeError(f"{name} must be an integer >= {least}, got {value!r}")
+
+
+# -------------------------------------------------------------------------- metadata
+@dataclass(frozen=True)
+class Meta:
+    """Everything metadata.json records; `committed[k]` = items at level k (0 = tokens)."""
+
+    block_size: int
+    levels: int
+    dim: int
+    gist_dtype: str
+    model_name: str
+    tokenizer_hash: str
+    gist_version: str
+    committed: tuple[int, ...]
+
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "block_size": self.block_size,
+            "levels": self.levels,
+            "dim": self.dim,
+            "gist_dtype": self.gist_dtype,
+            "model_name": self.model_name,
+            "tokenizer_hash": self.tokenizer_hash,
+            "gist_version": self.gist_version,
+            "committed": {f"LOD{k}": n for k, n in enumerate(self.committed)},
+        }
+
+    @classmethod
+    def from_json(cls, data: object, where: Path) -> Meta:
+        if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+            raise TreeError(f"{where} is not MegaContext tree metadata")
+        if data.get("format_version") != FORMAT_VERSION:
+            raise TreeError(
+                f"{where} has format version {data.get('format_version')!r}; this megacontext reads version {FORMAT_VERSION}"
+            )
+        fields = {"block_size": int, "levels": int, "dim": int, "gist_dtype": str, "model_name": str,
+                  "tokenizer_hash": str, "gist_version": str, "committed": dict}
+        for key, tp in fields.items():
+            if not isinstance(data.get(key), tp) or isinstance(data.get(key), bool):
+                raise TreeError(f"{where}: field {key!r} is missing or not a {tp.__name__}")
+        if data["gist_dtype"] not in GIST_DTYPES:
+            raise TreeError(f"{where}: unknown gist_dtype {data['gist_dtype']!r}")
+        try:
+            check_shape_args(data["block_size"], data["levels"], data["dim"])
+        except TreeError as e:
+            raise TreeError(f"{where}: {e}") from None
+        committed = tuple(data["committed"].get(f"LOD{k}") for k in range(data["levels"] + 1))
+        K, n = data["block_size"], committed[0]
+        if not all(isinstance(c, int) and c >= 0 for c in committed) or any(
+            c != n // K**k for k, c in enumerate(committed)
+        ):
+            raise TreeError(f"{where}: committed lengths {data['committed']} do not follow num_nodes(k) = tokens // {K}**k")
+        return cls(K, data["levels"], data["dim"], data["gist_dtype"], data["model_name"],
+                   data["tokenizer_hash"], data["gist_version"], committed)
+
+    def level_dtype(self, level: int) -> str:
+        return "uint32" if level == 0 else self.gist_dtype
+
+    def item_bytes(self, level: int) -> int:
+        return 4 if level == 0 else self.dim * np.dtype(_NUMPY_DTYPES[self.gist_dtype]).itemsize
+
+    def row_shape(self, level: int) -> tuple[int, ...]:
+        return () if level == 0 else (self.dim,)
+
+
+def _fixed(text: str, width: int) -> bytes:
+    """UTF-8, cut to `width` bytes, NUL-padded (what a fixed-width header field holds)."""
+    return text.encode("utf-8")[:width].ljust(width, b"\0")
+
+
+@dataclass(frozen=True)
+class Header:
+    """The fixed 512-byte header of one level file (layout: docs/storage-format.md)."""
+
+    level: int
+    levels: int
+    block_size: int
+    dim: int
+    dtype: str
+    model_name: bytes  # fixed width, NUL-padded
+    gist_version: str  # "" for LOD0
+
+    @classmethod
+    def for_level(cls, meta: Meta, level: int, gist_version: str) -> Header:
+        return cls(level, meta.levels, meta.block_size, meta.dim, meta.level_dtype(level),
+                   _fixed(meta.model_name, MODEL_NAME_BYTES), "" if level == 0 else gist_version)
+
+    def pack(self) -> bytes:
+        raw = _HEADER.pack(MAGIC, FORMAT_VERSION, self.level, self.levels, self.block_size, self.dim, 0,
+                           _fixed(self.dtype, 8), self.model_name, _fixed(self.gist_version, VERSION_BYTES))
+        return raw.ljust(HEADER_SIZE, b"\0")
+
+    @classmethod
+    def read(cls, file: Path) -> Header:
+        if not file.is_file():
+            raise TreeError(f"{file} is missing: the tree is damaged")
+        with open(file, "rb") as f:
+            raw = f.read(HEADER_SIZE)
+        if len(raw) < HEADER_SIZE:
+            raise TreeError(f"{file} is too short to hold a {HEADER_SIZE}-byte header: the tree is damaged")
+        magic, version, level, levels, block, dim, _, dtype, model, gist_version = _HEADER.unpack_from(raw)
+        if magic != MAGIC:
+            raise TreeError(f"{file} has a bad magic number: not a MegaContext level file")
+        if version != FORMAT_VERSION:
+            raise TreeError(f"{file} has format version {version}; this megacontext reads version {FORMAT_VERSION}")
+        return cls(level, levels, block, dim, dtype.rstrip(b"\0").decode("ascii", "replace"), model,
+                   gist_version.rstrip(b"\0").decode("ascii", "replace"))
+
+    def check(self, expected: Header, file: Path) -> None:
+        """TreeError naming the first field where this header disagrees with metadata.json."""
+        for name in ("level", "levels", "block_size", "dim", "dtype", "model_name"):
+            got, want = getattr(self, name), getattr(expected, name)
+            if got != want:
+                if isinstance(got, bytes):
+                    got, want = (v.rstrip(b"\0").decode("utf-8", "replace") for v in (got, want))
+                raise TreeError(f"{file} header says {name}={got!r} but metadata.json says {want!r}")
+
+
+# --------------------------------------------------------------------------- backends
+class Store(Protocol):
+    """Storage behind a tree. `meta.committed` = items per level; reads stay inside it."""
+
+    meta: Meta
+    path: Path | None
+
+    def read_tokens(self, start: int, end: int) -> np.ndarray: ...
+
+    def read_gists(self, level: int, index: np.ndarray | slice) -> torch.Tensor: ...
+
+    def commit(self, tokens: np.ndarray, gists: Sequence[torch.Tensor]) -> None: ...
+
+    def rewrite(self, version: str, chunks: Iterable[Sequence[torch.Tensor]]) -> None: ...
+
+    def bytes_on_disk(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class _Growable:
+    """Append-only numpy array with amortised O(1) appends; rows of shape `row`."""
+
+    def __init__(self, dtype: type, row: tuple[int, ...]) -> None:
+        self._data = np.empty((0, *row), dtype=dtype)
+        self.size = 0
+
+    def append(self, items: np.ndarray) -> None:
+        need = self.size + len(items)
+        if need > len(self._data):
+            grown = np.empty((max(need, 2 * len(self._data), 1024), *self._data.shape[1:]), self._data.dtype)
+            grown[: self.size] = self._data[: self.size]
+            self._data = grown
+        self._data[self.size : need] = items
+        self.size = need
+
+    def view(self) -> np.ndarray:
+        return self._data[: self.size]
+
+
+class RamStore:
+    """Everything in process memory (float32 gists); nothing is durable."""
+
+    path = None
+
+    def __init__(self, meta: Meta) -> None:
+        self.meta = meta
+        self._tokens = _Growable(np.uint32, ())
+        self._gists = self._empty_gists()
+
+    def _empty_gists(self) -> list[_Growable]:
+        return [_Growable(np.float32, (self.meta.dim,)) for _ in range(self.meta.levels)]
+
+    def read_tokens(self, start: int, end: int) -> np.ndarray:
+        return self._tokens.view()[start:end].copy()
+
+    def read_gists(self, level: int, index: np.ndarray | slice) -> torch.Tensor:
+        return torch.from_numpy(np.array(self._gists[level - 1].view()[index], copy=True))
+
+    def commit(self, tokens: np.ndarray, gists: Sequence[torch.Tensor]) -> None:
+        self._tokens.append(tokens)
+        for store, g in zip(self._gists, gists):
+            store.append(g.numpy())
+        self.meta = replace(self.meta, committed=(self._tokens.size, *(g.size for g in self._gists)))
+
+    def rewrite(self, version: str, chunks: Iterable[Sequence[torch.Tensor]]) -> None:
+        fresh = self._empty_gists()
+        for gists in chunks:
+            for store, g in zip(fresh, gists):
+                store.append(g.numpy())
+        self._gists = fresh
+        self.meta = replace(self.meta, gist_version=version)
+
+    def bytes_on_disk(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        self._tokens = _Growable(np.uint32, ())
+        self._gists = self._empty_gists()
+
+
+def _write_metadata(folder: Path, meta: Meta) -> None:
+    """Atomically replace metadata.json: write tmp, fsync, rename, fsync the folder."""
+    tmp = folder / (METADATA_FILE + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(meta.to_json(), f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, folder / METADATA_FILE)
+    fsync_dir(folder)
+
+
+def level_file(folder: Path, level: int) -> Path:
+    return folder / f"LOD{level}.ctx"
+
+
+class DiskStore:
+    """One flat file per level behind a fixed header, plus metadata.json (the commit record).
+
+    Reads are memory-mapped (re-mapped when the committed length outgrows the map);
+    appends are written at the committed end, fsynced, and only then committed.
+    """
+
+    def __init__(self, path: Path, meta: Meta) -> None:
+        self.path = path
+        self.meta = meta
+        self._files: list[BinaryIO] = []
+        self._maps: list[np.ndarray | None] = [None] * (meta.levels + 1)
+
+    # -- opening
+    @classmethod
+    def create(cls, path: Path, meta: Meta) -> None:
+        """Write an empty tree; metadata.json appears last, so a half-made tree is never valid."""
+        if path.exists() and not path.is_dir():
+            raise TreeError(f"cannot create a tree at {path}: it is a file")
+        if (path / METADATA_FILE).exists():
+            raise TreeError(f"a MegaContext tree already exists at {path}; open it instead, or choose a new folder")
+        ours = {level_file(path, k).name for k in range(meta.levels + 1)} | {METADATA_FILE + ".tmp"}
+        if path.is_dir() and any(p.name not in ours for p in path.iterdir()):
+            raise TreeError(f"cannot create a tree at {path}: the folder exists and is not empty")
+        path.mkdir(parents=True, exist_ok=True)
+        for level in range(meta.levels + 1):
+            with open(level_file(path, level), "wb") as f:
+                f.write(Header.for_level(meta, level, meta.gist_version).pack())
+                f.flush()
+                os.fsync(f.fileno())
+        fsync_dir(path)
+        _write_metadata(path, meta)
+
+    @classmethod
+    def load(cls, path: Path) -> DiskStore:
+        """Validate a tree folder without changing anything (TreeError when it is not sound).
+
+        `meta.gist_version` of the result is the version the gist files actually hold:
+        that of their headers when they agree, "" when they disagree (an interrupted
+        refresh; the gists must be recomputed before use).
+        """
+        if not path.exists():
+            raise TreeError(f"no MegaContext tree at {path}: the folder does not exist")
+        if not path.is_dir():
+            raise TreeError(f"{path} is a file, not a MegaContext tree folder")
+        meta_file = path / METADATA_FILE
+        if not meta_file.is_file():
+            raise TreeError(f"{path} is not a MegaContext tree (no {METADATA_FILE})")
+        try:
+            data = json.loads(meta_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise TreeError(f"cannot read {meta_file}: {e}") from None
+        meta = Meta.from_json(data, meta_file)
+        versions = set()
+        for level in range(meta.levels + 1):
+            file = level_file(path, level)
+            header = Header.read(file)
+            header.check(Header.for_level(meta, level, header.gist_version), file)
+            have = (file.stat().st_size - HEADER_SIZE) // meta.item_bytes(level)
+            if have < meta.committed[level]:
+                raise TreeError(
+                    f"{file} holds {have} items but metadata.json commits {meta.committed[level]}: the tree is damaged"
+                )
+            if level:
+                versions.add(header.gist_version)
+        return cls(path, replace(meta, gist_version=versions.pop() if len(versions) == 1 else ""))
+
+    def attach(self) -> None:
+        """Drop whatever lies past the committed lengths (an interrupted append) and open for writing."""
+        for leftover in [self.path / (METADATA_FILE + ".tmp"), *self._refresh_files()]:
+            leftover.unlink(missing_ok=True)
+        try:
+            for level in range(self.meta.levels + 1):
+                f = open(level_file(self.path, level), "r+b")
+                self._files.append(f)
+                end = HEADER_SIZE + self.meta.committed[level] * self.meta.item_bytes(level)
+                if os.fstat(f.fileno()).st_size > end:
+                    f.truncate(end)
+                    os.fsync(f.fileno())
+        except OSError as e:
+            self.close()
+            raise TreeError(f"cannot open the tree at {self.path} for writing: {e}") from None
+
+    def _refresh_files(self) -> list[Path]:
+        return [self.path / (level_file(self.path, k).name + ".refresh") for k in range(1, self.meta.levels + 1)]
+
+    # -- reads
+    def _array(self, level: int) -> np.ndarray:
+        """The committed items of `level` as a read-only memory map ([n] or [n, d])."""
+        n = self.meta.committed[level]
+        mapped = self._maps[level]
+        if mapped is None or len(mapped) < n:
+            dtype = _NUMPY_DTYPES[self.meta.level_dtype(level)]
+            shape = (n, *self.meta.row_shape(level))
+            mapped = (np.memmap(level_file(self.path, level), dtype=dtype, mode="r", offset=HEADER_SIZE, shape=shape)
+                      if n else np.empty(shape, dtype))
+            self._maps[level] = mapped
+        return mapped
+
+    def read_tokens(self, start: int, end: int) -> np.ndarray:
+        return np.array(self._array(0)[start:end], copy=True)
+
+    def read_gists(self, level: int, index: np.ndarray | slice) -> torch.Tensor:
+        return _decode(self._array(level)[index], self.meta.gist_dtype)
+
+    # -- writes
+    def commit(self, tokens: np.ndarray, gists: Sequence[torch.Tensor]) -> None:
+        """Write at the committed ends, fsync, then advance metadata.json (the durability point)."""
+        items = [tokens, *(_encode(g, self.meta.gist_dtype) for g in gists)]
+        for level, arr in enumerate(items):
+            if len(arr):
+                f = self._files[level]
+                f.seek(HEADER_SIZE + self.meta.committed[level] * self.meta.item_bytes(level))
+                f.write(np.ascontiguousarray(arr).tobytes())
+                f.flush()
+                os.fsync(f.fileno())
+        meta = replace(self.meta, committed=tuple(c + len(a) for c, a in zip(self.meta.committed, items)))
+        _write_metadata(self.path, meta)
+        self.meta = meta
+
+    def rewrite(self, version: str, chunks: Iterable[Sequence[torch.Tensor]]) -> None:
+        """Stream new gists into LODk.ctx.refresh files, then swap them in and commit the version.
+
+        A failure before the swap leaves the old gists in place; a crash during the swap
+        leaves gist files whose header versions disagree, which open() reports as stale.
+        """
+        tmp_paths = self._refresh_files()
+        files = [open(p, "wb") for p in tmp_paths]
+        try:
+            for k, f in enumerate(files, start=1):
+                f.write(Header.for_level(self.meta, k, version).pack())
+            for gists in chunks:
+                for f, g in zip(files, gists):
+                    f.write(_encode(g, self.meta.gist_dtype).tobytes())
+            for f in files:
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            for f, p in zip(files, tmp_paths):
+                f.close()
+                p.unlink(missing_ok=True)
+            raise
+        for f in files:
+            f.close()
+        for k in range(1, self.meta.levels + 1):
+            self._files[k].close()
+            self._maps[k] = None
+        for k, p in enumerate(tmp_paths, start=1):
+            os.replace(p, level_file(self.path, k))
+        fsync_dir(self.path)
+        for k in range(1, self.meta.levels + 1):
+            self._files[k] = open(level_file(self.path, k), "r+b")
+        meta = replace(self.meta, gist_version=version)
+        _write_metadata(self.path, meta)
+        self.meta = meta
+
+    def bytes_on_disk(self) -> int:
+        files = [level_file(self.path, k) for k in range(self.meta.levels + 1)] + [self.path / METADATA_FILE]
+        return sum(f.stat().st_size for f in files if f.exists())
+
+    def close(self) -> None:
+        for f in self._files:
+            f.close()
+        self._files = []
+        self._maps = [None] * (self.meta.levels + 1)
