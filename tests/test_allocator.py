@@ -206,7 +206,7 @@ def _random_streams(sc):
                 assert a.kind == "forced_collapse" and a.step == wc.step and math.isnan(a.score)
             judge.note(forced, cfg.cooldown)
         mode = ["uniform", "biased", "pingpong", "spikes", "ties"][r % 5]
-        for p in range(cfg.passes):
+        for _p in range(cfg.passes):
             window = wc.cost
             acts = judge.refocus(alloc, wc, score_stream(rng, mode, wc.cost, r))
             trace.record(acts, window)

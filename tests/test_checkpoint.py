@@ -9,8 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from megacontext.config import Config
-from megacontext.telemetry import Telemetry
 from megacontext.checkpoint import (
     CheckpointError,
     CheckpointWarning,
@@ -21,6 +19,8 @@ from megacontext.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
+from megacontext.config import Config
+from megacontext.telemetry import Telemetry
 
 
 def _save(root, name, value: float, opt_state=None):
@@ -138,3 +138,24 @@ def test_wandb_offline_run_needs_no_network(tmp_path, monkeypatch):
     runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1 and runs[0].stat().st_size > 0
     assert json.loads((tmp_path / "telemetry.jsonl").read_text())["metrics"] == {"loss": 1.5}
+
+
+def test_find_checkpoint_says_why_instead_of_crashing(tmp_path):
+    """A run folder (or the newest run, for `latest`) whose checkpoints are empty or all
+    damaged is a clear CheckpointError; `auto` falls back to untrained modules."""
+    from megacontext.checkpoint import find_checkpoint
+    from megacontext.config import load_config
+
+    cfg = load_config("smoke", [f"paths.artifact_root={tmp_path}"], env={})
+    run = tmp_path / "runs" / "20260101-000000-aaaaaaaa"
+    (run / "checkpoints").mkdir(parents=True)
+    for which in (str(run), "latest"):
+        with pytest.raises(CheckpointError, match="no checkpoint"):
+            find_checkpoint(cfg, which)
+    assert find_checkpoint(cfg, "auto") is None
+    bad = _save(run / "checkpoints", "c0-warm_gist", 1.0)
+    (bad / "state.json").write_text("{}")  # fails its checksum
+    with pytest.warns(CheckpointWarning), pytest.raises(CheckpointError, match="no valid checkpoint"):
+        find_checkpoint(cfg, str(run))
+    good = _save(run / "checkpoints", "c0-warm_lens", 2.0)
+    assert find_checkpoint(cfg, str(run)) == good == find_checkpoint(cfg, "latest")

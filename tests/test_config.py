@@ -123,3 +123,32 @@ def test_cli_config_error_is_one_line_without_traceback(tmp_path):
     assert len(lines) == 1 and "focus.budget" in lines[0]
     assert lines[0].startswith("megacontext prepare: error:")
     assert not any(Path(tmp_path).iterdir()), "a config error must not touch the data root"
+
+
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        ("train.jt1_steps", "train.phases.jt1.steps"),
+        ("train.lr_lora", "train.phases.jt3.lr"),
+        ("train.label_candidates", "train.labels.candidates"),
+        ("train.val_windows", "train.validation.windows"),
+        ("train.keepalive_weight", "train.lora.keepalive_weight"),
+        ("train.lens_rank_weight", "train.lens.rank_weight"),
+    ],
+)
+def test_moved_train_keys_are_rejected_with_their_new_name(tmp_path, old, new):
+    with pytest.raises(ConfigError, match=f"{old} has moved: use {new}.*command line"):
+        load_config("smoke", [f"{old}=3"], env={})
+    section, key = old.split(".")
+    path = write_yaml(tmp_path, f"{section}:\n  {key}: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path, env={})
+    assert e.value.key == old and new in str(e.value) and str(path) in str(e.value)
+
+
+def test_nested_train_keys_set_from_the_command_line():
+    cfg = load_config("smoke", ["train.phases.jt2.steps=7", "train.labels.reuse=2", "train.optim.grad_clip=0.5"], env={})
+    assert (cfg.train.phases.jt2.steps, cfg.train.labels.reuse, cfg.train.optim.grad_clip) == (7, 2, 0.5)
+    for bad in ("train.labels.reuse=0", "train.phases.jt1.steps=-1", "train.cpu_threads=-1"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            load_config("smoke", [bad], env={})

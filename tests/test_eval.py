@@ -12,11 +12,20 @@ import numpy as np
 import pytest
 import torch
 
+from megacontext.checkpoint import save_checkpoint
 from megacontext.cli import main
 from megacontext.config import Config
 from megacontext.data import make_passkey
 from megacontext.eval.evaluate import EvalOptions, evaluate, select_windows
 from megacontext.eval.passkey import answer_correct
+from megacontext.eval.results import (
+    EVAL_KEYS,
+    PASSKEY_KEYS,
+    RESULT_KEYS,
+    TIMING_KEYS,
+    delta_standard_errors,
+    gap_closed,
+)
 from megacontext.focus.horizon import raw_prefix
 from megacontext.focus.policies import (
     POLICIES,
@@ -29,15 +38,6 @@ from megacontext.focus.policies import (
     sinks_ids,
 )
 from megacontext.focus.source import build_source
-from megacontext.eval.results import (
-    EVAL_KEYS,
-    PASSKEY_KEYS,
-    RESULT_KEYS,
-    TIMING_KEYS,
-    delta_standard_errors,
-    gap_closed,
-)
-from megacontext.checkpoint import save_checkpoint
 from megacontext.modules import Modules
 
 BUDGETS = [96, 128]

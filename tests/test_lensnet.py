@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from megacontext.config import LensNetConfig
-from megacontext.weights import load_module, save_module
 from megacontext.lensnet import LensNet, build_conditioning, entry_features
+from megacontext.weights import load_module, save_module
 
 D, M = 24, 4  # entry width, LOD1 conditioning count -> C = 6
 C = M + 2

@@ -28,6 +28,7 @@ from megacontext.training.pretrain_base import (
     token_stream,
     training_batch,
 )
+
 from conftest import smoke_config
 
 

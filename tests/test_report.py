@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from megacontext.cli import main
-from megacontext.focus.policies import FocusSettings
-from megacontext.modules import Modules
 from megacontext.eval.report import ReportInputs, lod_matrix, read_jsonl, rolling_mean, write_report
 from megacontext.eval.timing import SessionTrace, trace_session
+from megacontext.focus.policies import FocusSettings
+from megacontext.modules import Modules
 
 EVAL = {
     "horizon": 32, "block_size": 32, "base": "embedded", "checkpoint": None, "data": "smoke", "split": "test",

@@ -18,16 +18,17 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import smoke_config
 from megacontext.base_model import BaseModel
-from megacontext.data import WindowSampler
 from megacontext.checkpoint import CheckpointWarning
+from megacontext.data import WindowSampler
 from megacontext.focus.horizon import horizon_nll
 from megacontext.focus.source import HistorySource
 from megacontext.modules import Modules
 from megacontext.training.loop import make_optimizer, plateaued, schedule, train
 from megacontext.training.phases import PHASE_BY_NAME, label_step, lens_examples, lens_step
 from megacontext.working_context import WorkingContext, assemble
+
+from conftest import smoke_config
 
 # Two short cycles with a checkpoint after every step (mid-phase checkpoints to kill between).
 RUN_SETS = (

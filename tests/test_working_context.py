@@ -173,7 +173,7 @@ def test_expand_respects_hard_budget():
 
 def test_collapsible_positions_match_can_collapse():
     rng = np.random.default_rng(0)
-    for trial in range(30):
+    for _trial in range(30):
         K = int(rng.integers(2, 5))
         wc = WorkingContext.initial(int(rng.integers(0, 400)), K, 3, 120, int(rng.integers(0, 3)), headroom=0)
         for _ in range(20):

@@ -35,8 +35,8 @@ import torch
 from safetensors.torch import load_file
 
 from megacontext.config import PHASE_NAMES, Config
-from megacontext.errors import MegaContextError
 from megacontext.durable import fsync_dir
+from megacontext.errors import MegaContextError
 from megacontext.weights import load_module, save_module
 
 LATEST = "latest"

@@ -24,7 +24,7 @@ LensNet); weight files and version hashes in :mod:`megacontext.weights`.
 from __future__ import annotations
 
 import hashlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

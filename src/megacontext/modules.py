@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -183,7 +183,7 @@ class Modules:
         return self.gister().version
 
     def adapter_version(self) -> str:
-        """Hash of the LoRA weights ("none" without LoRA): what the raw baselines depend on."""
+        """Hash of the LoRA weights ("none" without LoRA): keys the cached adapted-recency baseline."""
         if self.lora is None:
             return "none"
         return module_version(torch.nn.ParameterList(self.parameters_of("lora")))

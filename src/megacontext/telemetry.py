@@ -19,8 +19,9 @@ import json
 import math
 import os
 import uuid
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from tqdm.auto import tqdm
 

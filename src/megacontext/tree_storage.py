@@ -16,15 +16,16 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import BinaryIO, Iterable, Protocol, Sequence
+from typing import BinaryIO, Protocol
 
 import numpy as np
 import torch
 
-from megacontext.errors import TreeError
 from megacontext.durable import fsync_dir
+from megacontext.errors import TreeError
 
 MAGIC = b"MEGACTX\x00"
 FORMAT_VERSION = 1

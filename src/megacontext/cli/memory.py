@@ -10,6 +10,7 @@ from pathlib import Path
 from megacontext.cli import add_checkpoint, add_common, load_args_config
 from megacontext.errors import MegaContextError
 
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "ingest",

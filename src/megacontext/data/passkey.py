@@ -9,8 +9,8 @@ and the correct continuation is exactly the answer tokens of ``" 48213\n"``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 

@@ -20,10 +20,11 @@ import json
 import re
 import sys
 import sysconfig
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from megacontext.errors import DataError
 

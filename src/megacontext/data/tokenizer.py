@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Iterable
+from collections.abc import Iterable
 
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 

@@ -17,8 +17,8 @@ The other gist policies build their window over the whole prompt at once.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from contextlib import nullcontext
-from typing import Sequence
 
 import numpy as np
 import torch

@@ -23,9 +23,9 @@ context units (one per entry, whatever its level). A new policy is one function 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -136,12 +136,17 @@ def focus_window(
     return wc
 
 
-def random_focus_context(num_tokens: int, settings: FocusSettings, rng: np.random.Generator) -> WorkingContext:
+def random_focus_context(
+    num_tokens: int, settings: FocusSettings, rng: np.random.Generator, trace: FocusTrace | None = None
+) -> WorkingContext:
     """:func:`initial_context` then ``settings.rounds`` refocuses on uniform scores in [-1, 1]."""
     wc = initial_context(num_tokens, settings)
     allocator = FocusAllocator(settings.focus, settings.shape.block_size, rng)
     for _ in range(settings.rounds):
-        allocator.refocus_passes(wc, lambda w: rng.uniform(-1.0, 1.0, w.cost))
+        entries = wc.cost
+        actions = allocator.refocus_passes(wc, lambda w: rng.uniform(-1.0, 1.0, w.cost))
+        if trace is not None:
+            trace.record(actions, entries)
     return wc
 
 
@@ -180,7 +185,7 @@ POLICY_FNS: dict[str, PolicyFn] = {
     "recency": lambda r: _raw(r, r.history[-r.settings.budget :]),
     "sinks": lambda r: _raw(r, sinks_ids(r.history, r.settings.budget, r.settings.sinks)),
     "uniform_gists": lambda r: _gists(r, initial_context(_source(r).num_tokens, r.settings)),
-    "random_focus": lambda r: _gists(r, random_focus_context(_source(r).num_tokens, r.settings, r.rng)),
+    "random_focus": lambda r: _gists(r, random_focus_context(_source(r).num_tokens, r.settings, r.rng, r.trace)),
     "megacontext": lambda r: _gists(r, focus_window(_source(r), r.modules.lensnet, r.settings, r.rng, trace=r.trace)),
 }
 POLICIES: tuple[str, ...] = tuple(POLICY_FNS)

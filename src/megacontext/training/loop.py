@@ -24,11 +24,12 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -186,7 +187,7 @@ def phase_labels(ctx: Context, plan: PhasePlan, regenerate: bool) -> list[list[L
         for step in range(label_steps):
             rng = np.random.default_rng(derive_seed(cfg.seed, plan.cycle, plan.phase, "labels", step))
             windows = sampler.batch(step, cfg.train.labels.snapshots)
-            s, r = label_step(m, cfg, windows, rng, plan.cycle, step, plan.phase == "jt2", version)
+            s, r = label_step(m, cfg, windows, rng, plan.cycle, step, plan.spec.in_cycle, version)
             snapshots += s
             rows += r
             ctx.telemetry.advance()
@@ -297,7 +298,7 @@ def restore(ckpt: Checkpoint, cfg: Config, m: Modules, telemetry: Telemetry) -> 
         d.pop("paths", None)
         d.pop("wandb", None)
     if saved != now:
-        warnings.warn(f"the config differs from the one {ckpt.path.name} was trained with; the run will not replay exactly")
+        warnings.warn(f"the config differs from the one {ckpt.path.name} was trained with; the run will not replay exactly", stacklevel=2)
     m.load_checkpoint(ckpt)
     ckpt.restore_rng()
     state = TrainState(**ckpt.state)

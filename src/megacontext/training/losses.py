@@ -11,7 +11,6 @@ import torch.nn.functional as F
 
 from megacontext.focus.horizon import nll
 
-
 # ------------------------------------------------------------------------ horizon
 
 def kl_from_reference(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

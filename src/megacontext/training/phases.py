@@ -24,8 +24,8 @@ cycle) that the loop reads; the names and their order are the config's
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 import torch

@@ -8,7 +8,7 @@ the allocator's swap rate, residency and actions (:class:`~megacontext.focus.tra
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
