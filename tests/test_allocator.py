@@ -358,3 +358,27 @@ def test_w8192_refocus_is_legal():
         n += 32
         wc.extend(n)
     wc.check_invariants()
+
+
+@pytest.mark.parametrize("needle", [100, 1500, 2900, 3700])
+@pytest.mark.parametrize("headroom", [0, 1])
+def test_the_needle_path_is_reachable_within_the_refocus_rounds(needle, headroom):
+    """W=256, history 4,096 (16x), the default allocator: from the initial assembly, scores
+    that point at the needle (+0.9 on every gist over it, -0.5 on raw filler outside the tail)
+    bring the needle to LOD0 in 3 refocuses, LOD2 -> LOD1 -> LOD0, collapsing elsewhere."""
+    focus = FocusConfig(budget=256, tail_blocks=2, n_diff=4, cooldown=2)
+    wc = WorkingContext.initial(4096, 32, 2, 256, 2, headroom=headroom)
+    alloc = FocusAllocator(focus, 32)
+
+    def scores(w: WorkingContext) -> np.ndarray:
+        starts, ends = w.spans()
+        over = (starts <= needle) & (needle < ends)
+        lv = w.levels_array()
+        return np.where(over & (lv >= 1), 0.9, np.where((lv == 0) & ~over & (starts < w.tail_start), -0.5, 0.0))
+
+    for _ in range(3):
+        alloc.refocus_passes(wc, scores)
+        wc.check_invariants()
+    starts, ends = wc.spans()
+    at = int(np.flatnonzero((starts <= needle) & (needle < ends))[0])
+    assert wc.levels_array()[at] == 0 and wc.cost <= wc.budget - wc.headroom

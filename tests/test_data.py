@@ -14,10 +14,10 @@ import pytest
 from megacontext.config import load_config
 from megacontext.data import (
     PreparedDataset,
+    TaskMixture,
     WindowSampler,
     load_base_tokenizer,
     make_passkey,
-    passkey_training_sequence,
     prepare_dataset,
 )
 from megacontext.data.passkey import ANSWER, NEEDLE, QUESTIONS
@@ -373,15 +373,35 @@ def test_passkey_errors(smoke_data):
         make_passkey(np.random.default_rng(0), tok, [], 300, 0.5)
 
 
-def test_passkey_training_sequence(smoke_data):
-    tok, filler = smoke_data.tokenizer(), smoke_data.documents("train")
-    for seed in range(3):
-        seq = passkey_training_sequence(np.random.default_rng(seed), tok, filler, 256)
-        assert seq.shape == (256,) and seq.dtype == np.int64
-        text = tok.decode(seq.tolist())
-        key = text.split("# pass key: ", 1)[1][:5]
-        assert text.endswith(ANSWER.format(key=key))
+def test_training_tasks_are_deterministic_and_apart_from_evaluation(smoke_data):
+    from megacontext.config import TaskConfig
+    from megacontext.data.tasks import TRAIN_PASSKEY_TEMPLATES, multikey_window, passkey_window
 
+    tok, filler = smoke_data.tokenizer(), smoke_data.documents("train")
+    corpus = WindowSampler(filler, 32, 600, 700, "random", 1)
+    mix = TaskMixture(corpus, filler, tok, TaskConfig(passkey=0.5, multikey=0.25, history_max=900, facts=3), 9)
+    a, b = mix.batch(4, 16), mix.batch(4, 16)
+    assert [w.task for w in a] == [w.task for w in b] and all((x.history == y.history).all() for x, y in zip(a, b))
+    assert {w.task for w in a} == {"corpus", "passkey", "multikey"}
+    for w in a:
+        assert len(w.horizon) == 32 and 600 <= len(w.history) <= 900
+    none = TaskMixture(corpus, filler, tok, TaskConfig(), 9).batch(4, 16)
+    assert [w.history.tolist() for w in none] == [w.history.tolist() for w in corpus.batch(4, 16)]
+
+    for seed in range(4):
+        w = passkey_window(np.random.default_rng(seed), tok, filler, 500, 32)
+        text = tok.decode(w.history.tolist())
+        assert len(w.history) == 500 and NEEDLE.split("{")[0] not in text  # never the eval template
+        assert any(t.needle.split("{")[0] in text for t in TRAIN_PASSKEY_TEMPLATES)
+        answer = tok.decode(w.horizon.tolist())
+        digits = "".join(ch for ch in answer.split("\n")[0] if ch.isdigit())
+        assert len(digits) == 5 and digits in text
+    w = multikey_window(np.random.default_rng(3), tok, filler, 600, 32, facts=4)
+    text = tok.decode(w.history.tolist())
+    assert text.count(" code: ") == 4 and len(w.history) == 600
+    asked = text.rsplit("what is the ", 1)[1].split(" code")[0]
+    key = text.split(f"# {asked} code: ", 1)[1][:5]
+    assert tok.decode(w.horizon.tolist()).strip().startswith(key)
 
 
 def test_unreadable_manifest_is_rebuilt(tmp_path, corpus, capsys):

@@ -27,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default=None, metavar="SOURCE",
                    help="evaluate on another source (python-stdlib | files:GLOB | jsonl:PATH[:field] | "
                    "hf:NAME[:split]), prepared with the base's tokenizer and cached")
-    p.add_argument("--split", default=None, choices=("train", "val", "test"), help="default: eval.split")
+    p.add_argument("--split", default=None, choices=("train", "val", "test"),
+                   help="default: eval.split; with --data, every document of that corpus")
     p.add_argument("--cursor", default=None, choices=("random", "end"), help="default: eval.cursor")
     p.add_argument("--windows", type=int, default=None, metavar="N", help="windows (default: eval.windows)")
     p.add_argument("--ablate", default=None, choices=("gistnet", "lensnet", "lora"),
@@ -98,6 +99,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise MegaContextError(f"--windows must be at least 1, got {args.windows}")
         opts.windows = args.windows
     opts.data = args.data
+    if args.data is not None and args.split is None:
+        opts.split = None  # a corpus of one's own: every document of it
     opts.loss = not args.passkey_only
     modules = Modules.load(cfg, args.checkpoint, args.ablate)
     run = evaluate(cfg, modules, opts, progress=not args.no_progress)

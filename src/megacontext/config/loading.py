@@ -264,6 +264,13 @@ def validate(cfg: Config) -> None:
     need(cfg.train.cycles >= 1, "train.cycles", "must be at least 1")
     need(cfg.train.labels.reuse >= 1, "train.labels.reuse", "must be at least 1")
     need(cfg.train.cpu_threads >= 0, "train.cpu_threads", "must be >= 0")
+    tasks = cfg.train.tasks
+    need(tasks.passkey >= 0 and tasks.multikey >= 0 and tasks.passkey + tasks.multikey <= 1,
+         "train.tasks.passkey", "task shares must be >= 0 and add up to at most 1")
+    need(tasks.history_max >= cfg.train.history_min, "train.tasks.history_max", "must be >= train.history_min")
+    need(1 <= tasks.facts <= 10, "train.tasks.facts", "must be in [1, 10]")
+    unknown = [p for p in tasks.phases if p not in PHASE_NAMES]
+    need(not unknown, "train.tasks.phases", f"unknown phases {unknown} (known: {', '.join(PHASE_NAMES)})")
     for name in PHASE_NAMES:
         need(getattr(cfg.train.phases, name).steps >= 0, f"train.phases.{name}.steps", "must be >= 0")
     need(4 <= cfg.train.lora.rank <= 64, "train.lora.rank", "must be in [4, 64]")

@@ -35,6 +35,7 @@ __all__ = [
     "LensObjectiveConfig",
     "LabelConfig",
     "ValidationConfig",
+    "TaskConfig",
     "TrainConfig",
     "EvalConfig",
     "WandbConfig",
@@ -213,13 +214,28 @@ class LabelConfig:
     candidates: int = 16  # counterfactual candidates per snapshot
     batch: int = 8  # counterfactual windows per batched base forward
     reuse: int = 1  # LensNet steps that train on each label step's snapshots (>= 1)
+    scale: float = 0.1  # nats per horizon token that make a target of tanh(1) = 0.76
+    margin: float = 0.01  # noise floor: gains below it count as nothing
+    lookahead: bool = True  # level >= 2 gists are credited with their best child path
 
 
 @dataclass
 class ValidationConfig:
     windows: int = 16  # validation windows after every phase
+    task_windows: int = 8  # passkey windows (training templates, validation documents) when tasks are on
     plateau_patience: int = 0  # cycles without improvement before stopping; 0 = never stop early
     plateau_tolerance: float = 0.005
+
+
+@dataclass
+class TaskConfig:
+    """Training tasks mixed with corpus windows (``data.tasks``), in the phases listed."""
+
+    passkey: float = 0.0  # share of a step's windows that are passkey tasks
+    multikey: float = 0.0  # share that are multi-key recall tasks
+    history_max: int = 4096  # task histories are uniform in [train.history_min, history_max]
+    facts: int = 4  # key/value facts per multikey window
+    phases: list[str] = field(default_factory=lambda: ["warm_lens", "jt2"])
 
 
 @dataclass
@@ -238,6 +254,7 @@ class TrainConfig:
     lens: LensObjectiveConfig = field(default_factory=LensObjectiveConfig)
     labels: LabelConfig = field(default_factory=LabelConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    tasks: TaskConfig = field(default_factory=TaskConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 

@@ -1,18 +1,21 @@
-"""Data pipeline: sources -> tokenizer -> Arrow shards + manifest; window sampler; passkeys."""
+"""Data pipeline: sources -> tokenizer -> Arrow shards + manifest; window sampler; passkeys and training tasks."""
 
-from megacontext.data.passkey import PasskeyExample, make_passkey, passkey_training_sequence
+from megacontext.data.passkey import EVAL_TEMPLATE, PasskeyExample, PasskeyTemplate, make_passkey
 from megacontext.data.prepare import SPLITS, PreparedDataset, dataset_dir, load_base_tokenizer, prepare_dataset
 from megacontext.data.sampler import Window, WindowSampler
+from megacontext.data.tasks import TaskMixture
 
 __all__ = [
+    "EVAL_TEMPLATE",
     "SPLITS",
     "PasskeyExample",
+    "PasskeyTemplate",
     "PreparedDataset",
+    "TaskMixture",
     "Window",
     "WindowSampler",
     "dataset_dir",
     "load_base_tokenizer",
     "make_passkey",
-    "passkey_training_sequence",
     "prepare_dataset",
 ]

@@ -22,10 +22,23 @@ QUESTIONS = ("\n# what is the pass key? pass key:", "\n# what is the pass key?\n
 ANSWER = " {key}\n"
 
 
+@dataclass(frozen=True)
+class PasskeyTemplate:
+    """The texts of one passkey task: ``needle`` and ``answer`` hold ``{key}``; ``questions``
+    are variants tried in order until one does not merge with the answer's first token."""
+
+    needle: str
+    questions: tuple[str, ...]
+    answer: str
+
+
+EVAL_TEMPLATE = PasskeyTemplate(NEEDLE, QUESTIONS, ANSWER)  # evaluation's (and the base's pretraining)
+
+
 @dataclass
 class PasskeyExample:
     prompt: np.ndarray  # int64 [T]: filler + needle + filler + question
-    answer: np.ndarray  # int64 [A]: tokens of " <key>\n"
+    answer: np.ndarray  # int64 [A]: tokens of the answer (" <key>\n" in the eval template)
     key: str  # the 5 digits
     depth: float  # requested needle depth in [0, 1]
     needle_pos: int  # index in ``prompt`` of the needle's first token
@@ -35,22 +48,26 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
-def _parts(rng: np.random.Generator, tokenizer) -> tuple[str, list[int], list[int], list[int]]:
-    """(key, needle ids, question ids, answer ids); question + answer ids tokenise the full text.
-
-    The answer ids are the tail of tokenize(question + answer), so they are exactly the
-    continuation a model reading the full text would see; the question must survive as a prefix.
-    """
-    key = str(int(rng.integers(10_000, 100_000)))
-    for question in QUESTIONS:
+def question_and_answer(tokenizer, template: PasskeyTemplate, key: str) -> tuple[list[int], list[int]]:
+    """(question ids, answer ids): the answer ids are the tail of tokenize(question + answer),
+    so they are exactly the continuation a model reading the full text would see; the
+    question must survive as a prefix."""
+    for question in template.questions:
         q_ids = _encode(tokenizer, question)
-        full = _encode(tokenizer, question + ANSWER.format(key=key))
+        full = _encode(tokenizer, question + template.answer.format(key=key))
         if full[: len(q_ids)] == q_ids and key in tokenizer.decode(full[len(q_ids) :]):
-            return key, _encode(tokenizer, NEEDLE.format(key=key)), q_ids, full[len(q_ids) :]
+            return q_ids, full[len(q_ids) :]
     raise DataError("this tokenizer merges every passkey question with its answer; cannot build passkeys")
 
 
-def _filler(rng: np.random.Generator, filler_docs: Sequence[np.ndarray], n: int) -> np.ndarray:
+def _parts(rng: np.random.Generator, tokenizer, template: PasskeyTemplate) -> tuple[str, list[int], list[int], list[int]]:
+    """(key, needle ids, question ids, answer ids) of a random 5-digit key."""
+    key = str(int(rng.integers(10_000, 100_000)))
+    q_ids, a_ids = question_and_answer(tokenizer, template, key)
+    return key, _encode(tokenizer, template.needle.format(key=key)), q_ids, a_ids
+
+
+def filler_tokens(rng: np.random.Generator, filler_docs: Sequence[np.ndarray], n: int) -> np.ndarray:
     """``n`` filler tokens: a random document from a random offset, then whole random documents."""
     docs = [d for d in filler_docs if len(d)]
     if not docs:
@@ -79,7 +96,7 @@ def _assemble(
             f"a passkey prompt of {prompt_tokens} tokens is too short: needle and question "
             f"alone take {len(needle) + len(question)}"
         )
-    filler = _filler(rng, filler_docs, n_filler) if n_filler else np.zeros(0, np.int64)
+    filler = filler_tokens(rng, filler_docs, n_filler) if n_filler else np.zeros(0, np.int64)
     pos = int(round(depth * n_filler))
     prompt = np.concatenate([filler[:pos], needle, filler[pos:], question]).astype(np.int64)
     return prompt, pos
@@ -91,20 +108,11 @@ def make_passkey(
     filler_docs: Sequence[np.ndarray],
     total_tokens: int,
     depth: float,
+    template: PasskeyTemplate = EVAL_TEMPLATE,
 ) -> PasskeyExample:
     """A passkey prompt of exactly ``total_tokens`` tokens with the needle at ``depth``."""
     if not 0.0 <= depth <= 1.0:
         raise DataError(f"passkey depth must be in [0, 1], got {depth}")
-    key, needle, question, answer = _parts(rng, tokenizer)
+    key, needle, question, answer = _parts(rng, tokenizer, template)
     prompt, pos = _assemble(rng, filler_docs, total_tokens, depth, needle, question)
     return PasskeyExample(prompt, np.asarray(answer, dtype=np.int64), key, depth, pos)
-
-
-def passkey_training_sequence(
-    rng: np.random.Generator, tokenizer, filler_docs: Sequence[np.ndarray], length: int
-) -> np.ndarray:
-    """int64 [length]: prompt + answer of a passkey at a uniform random depth."""
-    key, needle, question, answer = _parts(rng, tokenizer)
-    depth = float(rng.uniform(0.0, 1.0))
-    prompt, _ = _assemble(rng, filler_docs, length - len(answer), depth, needle, question)
-    return np.concatenate([prompt, np.asarray(answer, dtype=np.int64)])

@@ -18,6 +18,7 @@ class Window:
     cursor: int  # position of the first horizon token in the document
     history: np.ndarray  # int64 [T_hist]: doc[cursor - T_hist : cursor]
     horizon: np.ndarray  # int64 [H]: doc[cursor : cursor + H]
+    task: str = "corpus"  # or a training task of data.tasks ("passkey", "multikey")
 
 
 class WindowSampler:

@@ -28,6 +28,7 @@ from megacontext.eval.results import loss_rows, make_eval_json
 from megacontext.eval.timing import measure_timing
 from megacontext.focus.policies import POLICIES, RAW_POLICIES, FocusSettings, PolicyWindow, policy_nll
 from megacontext.focus.source import build_source
+from megacontext.focus.trace import FocusTrace
 from megacontext.modules import Modules
 
 Say = Callable[[str], None]
@@ -51,21 +52,27 @@ def _long(docs: Sequence[np.ndarray], min_tokens: int) -> list[np.ndarray]:
 
 
 def load_eval_data(
-    cfg: Config, base: BaseModel, source: str | None, split: str, min_tokens: int, progress: bool, say: Say = _stderr
+    cfg: Config, base: BaseModel, source: str | None, split: str | None, min_tokens: int, progress: bool,
+    say: Say = _stderr,
 ) -> EvalData:
     """Documents of ``split`` with >= ``min_tokens`` tokens.
 
-    ``source`` (any data source spec) is prepared with the base's tokenizer and cached; if
-    its ``split`` has no long-enough document, every split of it is used (and said so).
+    ``source`` (any data source spec) is prepared with the base's tokenizer and cached. A
+    corpus the base was not trained on is evaluated on ALL its documents unless ``split``
+    names one; if that split has no long-enough document, every split is used (and said so).
+    Without ``source``, ``split`` None means ``eval.split``.
     """
-    if split not in SPLITS:
+    if source is not None and split is None:
+        split = "all"
+    split = cfg.eval.split if split is None else split
+    if split != "all" and split not in SPLITS:
         raise MegaContextError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
     if source is None:
         ds = prepare_dataset(cfg, progress=progress)
     else:
         own = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, name=""))
         ds = prepare_dataset(own, source=source, tokenizer=base.tokenizer, progress=progress)
-    docs = _long(ds.documents(split), min_tokens)
+    docs = _long(ds.documents(split), min_tokens) if split != "all" else []
     if docs:
         return EvalData(ds.name, split, docs, list(ds.documents(split)))
     if source is None:
@@ -74,8 +81,9 @@ def load_eval_data(
     docs = _long(every, min_tokens)
     if not docs:
         raise DataError(_too_short(ds, "any", min_tokens))
-    say(f"the {split} split of {ds.name} has no document of >= {min_tokens} tokens; "
-        f"using all its splits ({len(docs)} long documents)")
+    if split != "all":
+        say(f"the {split} split of {ds.name} has no document of >= {min_tokens} tokens; "
+            f"using all its splits ({len(docs)} long documents)")
     return EvalData(ds.name, "+".join(SPLITS), docs, every)
 
 
@@ -115,9 +123,11 @@ class PolicyStats:
     losses: list[float] = field(default_factory=list)
     costs: list[int] = field(default_factory=list)
     gist_entries: list[int] = field(default_factory=list)
+    swap_rates: list[float] = field(default_factory=list)  # the allocator's, per window
 
-    def add(self, losses: Sequence[float], windows: Sequence[PolicyWindow]) -> None:
+    def add(self, losses: Sequence[float], windows: Sequence[PolicyWindow], traces: Sequence[FocusTrace]) -> None:
         self.losses.extend(losses)
+        self.swap_rates.extend(t.swap_rate for t in traces)
         self.costs.extend(w.cost for w in windows)
         self.gist_entries.extend(w.gist_entries for w in windows)
 
@@ -150,9 +160,10 @@ def loss_at_h(
         for policy in policies:
             for budget in budgets[:1] if policy == "reference" else budgets:
                 rngs = [_window_rng(seed, policy, budget, i) for i in range(lo, lo + len(batch))]
-                nll, pws = policy_nll(policy, mods, settings.at_budget(budget), batch, sources, rngs)
+                traces = [FocusTrace() for _ in batch]
+                nll, pws = policy_nll(policy, mods, settings.at_budget(budget), batch, sources, rngs, traces)
                 for b in budgets if policy == "reference" else [budget]:
-                    stats[(b, policy)].add(nll, pws)
+                    stats[(b, policy)].add(nll, pws, traces)
         bar.update(len(batch))
     bar.close()
     return stats
@@ -164,7 +175,7 @@ class EvalOptions:
     budgets: list[int]
     windows: int
     cursor: Literal["random", "end"]
-    split: str = "test"
+    split: str | None = "test"  # None: eval.split, or every document of a --data corpus
     data: str | None = None  # a data source spec; None = the config's prepared dataset
     passkey: bool = True
     loss: bool = True  # False: passkey only
@@ -229,5 +240,5 @@ def evaluate(
         "split": data.split,
         "cursor": opts.cursor,
     }
-    results = loss_rows({k: v.losses for k, v in stats.items()})
+    results = loss_rows({k: v.losses for k, v in stats.items()}, {k: v.swap_rates for k, v in stats.items()})
     return EvalRun(make_eval_json(header, results, passkey, timing), stats, windows)

@@ -26,7 +26,7 @@ import numpy as np
 
 EVAL_KEYS = ("horizon", "block_size", "base", "checkpoint", "data", "split", "cursor",
              "results", "gap_closed", "passkey", "timing")
-RESULT_KEYS = ("budget", "policy", "loss_at_h", "delta_nll_vs_reference", "n_windows")
+RESULT_KEYS = ("budget", "policy", "loss_at_h", "delta_nll_vs_reference", "n_windows", "swap_rate")
 PASSKEY_KEYS = ("budget", "history_tokens", "depth", "policy", "accuracy", "n")
 TIMING_KEYS = ("base_forward_ms", "refocus_ms", "gist_ms_per_block")
 ACCEPT_DELTA_NLL = 0.1  # seed doc: ΔNLL degradation <= 0.1 at W_max
@@ -36,10 +36,13 @@ def _finite(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
 
-def loss_rows(losses: Mapping[tuple[int, str], Sequence[float]]) -> list[dict[str, Any]]:
+def loss_rows(
+    losses: Mapping[tuple[int, str], Sequence[float]], swap_rates: Mapping[tuple[int, str], Sequence[float]]
+) -> list[dict[str, Any]]:
     """One results row per (budget, policy) from per-window NLLs; delta vs the reference's.
 
-    ``losses[(budget, policy)]``: loss@H of each window (the same windows for every key).
+    ``losses[(budget, policy)]``: loss@H of each window (the same windows for every key);
+    ``swap_rates``: the allocator's swap rate on each window (0 for a policy that never refocuses).
     """
     rows = []
     for (budget, policy), values in losses.items():
@@ -52,6 +55,7 @@ def loss_rows(losses: Mapping[tuple[int, str], Sequence[float]]) -> list[dict[st
             "loss_at_h": _finite(loss),
             "delta_nll_vs_reference": _finite(loss - ref_loss),
             "n_windows": len(values),
+            "swap_rate": _finite(float(np.mean(swap_rates[(budget, policy)]))) if swap_rates.get((budget, policy)) else 0.0,
         })
     return rows
 
@@ -123,12 +127,12 @@ def format_table(data: Mapping[str, Any], se: Mapping[tuple[int, str], float | N
     lines = []
     if data["results"]:
         lines.append(f"loss@H (H={data['horizon']}, {data['split']} split of {data['data']}, cursor={data['cursor']})")
-        lines.append(f"{'budget':>7} {'policy':<14} {'loss@H':>8} {'ΔNLL':>8} {'± s.e.':>7} {'windows':>7}")
+        lines.append(f"{'budget':>7} {'policy':<16} {'loss@H':>8} {'ΔNLL':>8} {'± s.e.':>7} {'windows':>7} {'swap':>6}")
     for r in data["results"]:
         lines.append(
-            f"{r['budget']:>7} {r['policy']:<14} {_fmt(r['loss_at_h']):>8} "
+            f"{r['budget']:>7} {r['policy']:<16} {_fmt(r['loss_at_h']):>8} "
             f"{_fmt(r['delta_nll_vs_reference'], '+.4f'):>8} {_fmt(se.get((r['budget'], r['policy'])), '.4f'):>7} "
-            f"{r['n_windows']:>7}"
+            f"{r['n_windows']:>7} {_fmt(r.get('swap_rate'), '.3f'):>6}"
         )
     for budget, share in data["gap_closed"].items():
         rec, ref = _loss(data["results"], int(budget), "recency"), _loss(data["results"], int(budget), "reference")

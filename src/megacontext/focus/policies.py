@@ -10,6 +10,8 @@ budget ``settings.focus.budget``:
 - ``uniform_gists`` :func:`initial_context` (tail raw, the rest gists), no LensNet;
 - ``random_focus``  the allocator driven by seeded uniform scores in [-1, 1] for
                     ``settings.rounds`` refocuses;
+- ``similarity_focus`` training-free retrieval (InfLLM / MoBA style): the allocator driven
+                    by each entry's cosine similarity with the newest block, no learned weights;
 - ``megacontext``   LensNet + allocator on-policy (:func:`focus_window`).
 
 Raw policies (:data:`RAW_POLICIES`) place their tokens at positions ``0..n-1`` and are read
@@ -150,6 +152,34 @@ def random_focus_context(
     return wc
 
 
+@torch.no_grad()
+def similarity_scores(wc: WorkingContext, source: EntrySource, position_mode: str) -> np.ndarray:
+    """Training-free scores [W] (InfLLM / MoBA style): cosine of every entry's vector with the
+    mean embedding of the newest block (the current question or code), standardised over
+    the window and squashed: ``tanh(z / 2)``. No learned weights."""
+    window = assemble(wc, source, position_mode)
+    lo = max(0, wc.num_tokens - wc.block_size)
+    query = source.token_embeddings(torch.arange(lo, wc.num_tokens)).float().mean(0)
+    sims = torch.nn.functional.cosine_similarity(window.embeds.float(), query[None].to(window.embeds.device), dim=-1)
+    z = (sims - sims.mean()) / (sims.std() + 1e-6) if len(sims) > 1 else sims * 0
+    return torch.tanh(z / 2).cpu().numpy()
+
+
+def similarity_focus_context(
+    source: HistorySource, settings: FocusSettings, rng: np.random.Generator, trace: FocusTrace | None = None
+) -> WorkingContext:
+    """:func:`initial_context` then ``settings.rounds`` refocuses on :func:`similarity_scores`."""
+    wc = initial_context(source.num_tokens, settings)
+    allocator = FocusAllocator(settings.focus, settings.shape.block_size, rng)
+    mode = settings.focus.position_mode
+    for _ in range(settings.rounds):
+        entries = wc.cost
+        actions = allocator.refocus_passes(wc, lambda w: similarity_scores(w, source, mode))
+        if trace is not None:
+            trace.record(actions, entries)
+    return wc
+
+
 # ------------------------------------------------------------------------ the policies
 def reference_context(history: np.ndarray, max_context: int, horizon: int) -> np.ndarray:
     """The reference history (spec §4): all of it at LOD0 when it fits
@@ -186,6 +216,7 @@ POLICY_FNS: dict[str, PolicyFn] = {
     "sinks": lambda r: _raw(r, sinks_ids(r.history, r.settings.budget, r.settings.sinks)),
     "uniform_gists": lambda r: _gists(r, initial_context(_source(r).num_tokens, r.settings)),
     "random_focus": lambda r: _gists(r, random_focus_context(_source(r).num_tokens, r.settings, r.rng, r.trace)),
+    "similarity_focus": lambda r: _gists(r, similarity_focus_context(_source(r), r.settings, r.rng, r.trace)),
     "megacontext": lambda r: _gists(r, focus_window(_source(r), r.modules.lensnet, r.settings, r.rng, trace=r.trace)),
 }
 POLICIES: tuple[str, ...] = tuple(POLICY_FNS)

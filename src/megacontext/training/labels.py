@@ -2,16 +2,20 @@
 
 For one snapshot (a working context over a window's history):
 
-1. sample up to ``candidates`` legal actions: expands (any gist entry; measured with the
-   budget raised by one block so that the expand itself fits) and collapses (sibling
-   groups outside the tail, :meth:`WorkingContext.collapsible_positions`);
-2. measure NLL@H of the snapshot and of every counterfactual window in batched,
-   left-padded base forwards; ``Δ = NLL(snapshot) - NLL(after action)``;
-3. put expand gains ``Δ_e`` and collapse harms ``h = -Δ_c`` on one scale:
-   ``θ`` = their median, ``s`` = 1.4826 * MAD (std when the MAD is 0) + eps, and
-   ``target = tanh((Δ_e - θ)/s)`` on the expanded gist entry (positive: expanding helps),
-   ``target = tanh((h - θ)/s)`` on each of the K collapsed entries (negative: collapsing
-   is harmless).
+1. candidates: EVERY gist entry as an expand (measured with the budget raised by one block
+   so that the expand itself fits) and up to ``labels.candidates`` collapses (sibling groups
+   outside the tail, :meth:`WorkingContext.collapsible_positions`);
+2. lookahead (``labels.lookahead``): a gist of level >= 2 pays off only once one of its
+   children is expanded too, so it is also measured with each child expanded after it, and
+   its gain is the best of those paths (the needle path LOD2 -> LOD1 -> LOD0 gets credit);
+3. NLL@H of the snapshot and of every counterfactual window in batched, left-padded base
+   forwards; gain ``g = NLL(snapshot) - NLL(after action)`` in nats per horizon token;
+4. targets on an ABSOLUTE scale (``s = labels.scale`` nats, noise floor ``m = labels.margin``):
+   an expand gets ``tanh(soft(g, m) / s)`` (``soft`` shrinks |g| by m): a gain of 0.002
+   stays near 0 and "nothing here helps" is a snapshot of near-zero targets. A collapse is
+   worth doing to pay for the best expand ``G = max(0, max g_expand)``: each of its K
+   entries gets ``-tanh(max(0, G - m - harm) / s)`` with ``harm = -g_collapse`` — near 0
+   when no expand is worth paying for, strongly negative when a needle waits elsewhere.
 
 Labels are written as Parquet (``labels.parquet``: one row per labelled entry;
 ``snapshots.parquet``: one row per snapshot with its tokens and working context) and read
@@ -33,41 +37,46 @@ import pyarrow.parquet as pq
 import torch
 
 from megacontext.base_model import BaseModel
+from megacontext.config import LabelConfig
 from megacontext.errors import MegaContextError
 from megacontext.focus.horizon import horizon_nll
 from megacontext.focus.lens import LensInput, lens_input
 from megacontext.focus.source import HistorySource
 from megacontext.working_context import WorkingContext, assemble
 
-MAD_TO_STD = 1.4826
-EPS = 1e-3
-
 
 @dataclass(frozen=True)
 class Candidate:
-    """One counterfactual action: ``expand`` the gist at ``pos`` or ``collapse`` K entries from ``pos``."""
+    """One counterfactual action: ``expand`` the gist at ``pos`` (then, with ``child`` >= 0,
+    its ``child``-th child as well: a lookahead path) or ``collapse`` K entries from ``pos``."""
 
     kind: str
     pos: int
+    child: int = -1
 
 
-def sample_candidates(wc: WorkingContext, rng: np.random.Generator, limit: int) -> list[Candidate]:
-    """Up to ``limit`` candidates, half expands and half collapses when both exist."""
-    expands = np.flatnonzero(wc.levels_array() >= 1)
+def sample_candidates(wc: WorkingContext, rng: np.random.Generator, limit: int, lookahead: bool) -> list[Candidate]:
+    """Every gist entry as an expand (+ its lookahead paths) and up to ``limit`` collapses."""
+    levels = wc.levels_array()
+    expands = np.flatnonzero(levels >= 1)
     collapses = wc.collapsible_positions()
-    n_e = min(len(expands), max(limit // 2, limit - len(collapses)))
-    n_c = min(len(collapses), limit - n_e)
-    pick_e = np.sort(rng.choice(expands, n_e, replace=False)) if n_e else []
+    n_c = min(len(collapses), limit)
     pick_c = np.sort(rng.choice(collapses, n_c, replace=False)) if n_c else []
-    return [Candidate("expand", int(p)) for p in pick_e] + [Candidate("collapse", int(p)) for p in pick_c]
+    out = [Candidate("expand", int(p)) for p in expands]
+    if lookahead:
+        K = wc.block_size
+        out += [Candidate("expand", int(p), j) for p in expands if levels[p] >= 2 for j in range(K)]
+    return out + [Candidate("collapse", int(p)) for p in pick_c]
 
 
 def apply_candidate(wc: WorkingContext, cand: Candidate) -> WorkingContext:
-    """A copy of ``wc`` with the action applied (budget raised so an expand fits)."""
+    """A copy of ``wc`` with the action applied (budget raised so the expands fit)."""
     out = wc.copy()
     if cand.kind == "expand":
-        out.budget = max(out.budget, out.cost + out.block_size - 1)
+        out.budget = max(out.budget, out.cost + 2 * (out.block_size - 1))
         out.expand(cand.pos)
+        if cand.child >= 0:
+            out.expand(cand.pos + cand.child)
     else:
         out.collapse(cand.pos)
     return out
@@ -84,29 +93,42 @@ def measure(
     chunk: int,
 ) -> tuple[float, np.ndarray]:
     """(NLL@H of the snapshot, NLL@H after each candidate [N]) in batched forwards."""
-    windows = [assemble(wc, source, position_mode)]
-    windows += [assemble(apply_candidate(wc, c), source, position_mode) for c in candidates]
     out = []
-    for i in range(0, len(windows), chunk):
-        part = windows[i : i + chunk]
+    todo = [wc] + [apply_candidate(wc, c) for c in candidates]
+    for i in range(0, len(todo), chunk):
+        part = [assemble(w, source, position_mode) for w in todo[i : i + chunk]]
         out.append(horizon_nll(base, part, np.stack([horizon] * len(part))).double().cpu())
     nll = torch.cat(out).numpy()
     return float(nll[0]), nll[1:]
 
 
-def signed_targets(kinds: Sequence[str], deltas: np.ndarray) -> np.ndarray:
-    """Per-candidate targets in (-1, 1) on one scale per snapshot (see module docstring).
+def path_gains(candidates: Sequence[Candidate], gains: np.ndarray) -> tuple[list[Candidate], np.ndarray]:
+    """Fold lookahead paths into their parent: the parent's gain is its best path's."""
+    best: dict[int, float] = {}
+    for c, g in zip(candidates, gains):
+        if c.kind == "expand" and c.child >= 0:
+            best[c.pos] = max(best.get(c.pos, -np.inf), float(g))
+    keep = [i for i, c in enumerate(candidates) if c.child < 0]
+    out = np.asarray([max(float(gains[i]), best.get(candidates[i].pos, -np.inf))
+                      if candidates[i].kind == "expand" else float(gains[i]) for i in keep])
+    return [candidates[i] for i in keep], out
 
-    kinds [N] ("expand" | "collapse"), deltas [N] = NLL(snapshot) - NLL(after) -> float32 [N].
+
+def absolute_targets(kinds: Sequence[str], gains: np.ndarray, scale: float, margin: float) -> np.ndarray:
+    """Per-candidate targets in (-1, 1) on an absolute scale (see the module docstring).
+
+    kinds [N] ("expand" | "collapse"), gains [N] = NLL(snapshot) - NLL(after) -> float32 [N].
     """
-    if len(deltas) == 0:
+    if len(gains) == 0:
         return np.zeros(0, dtype=np.float32)
-    values = np.where(np.asarray(kinds) == "expand", deltas, -deltas)
-    theta = np.median(values)
-    scale = MAD_TO_STD * np.median(np.abs(values - theta))
-    if scale <= 0:
-        scale = float(np.std(values))
-    return np.tanh((values - theta) / (scale + EPS)).astype(np.float32)
+    exp = np.asarray(kinds) == "expand"
+    out = np.zeros(len(gains))
+    g = gains[exp]
+    out[exp] = np.tanh(np.sign(g) * np.maximum(np.abs(g) - margin, 0.0) / scale)
+    best = max(0.0, float(g.max())) if exp.any() else 0.0
+    harm = -gains[~exp]
+    out[~exp] = -np.tanh(np.maximum(best - margin - harm, 0.0) / scale)
+    return out.astype(np.float32)
 
 
 # ------------------------------------------------------------------------ records
@@ -145,18 +167,17 @@ def label_snapshot(
     wc: WorkingContext,
     horizon: np.ndarray,
     rng: np.random.Generator,
-    limit: int,
+    cfg: LabelConfig,
     position_mode: str,
-    chunk: int,
 ) -> tuple[float, LabelRows]:
     """Sample candidates, measure them, and expand them into per-entry label rows."""
-    cands = sample_candidates(wc, rng, limit)
-    nll0, after = measure(base, source, wc, cands, horizon, position_mode, chunk)
-    deltas = nll0 - after
-    targets = signed_targets([c.kind for c in cands], deltas)
+    cands = sample_candidates(wc, rng, cfg.candidates, cfg.lookahead)
+    nll0, after = measure(base, source, wc, cands, horizon, position_mode, cfg.batch)
+    cands, gains = path_gains(cands, nll0 - after)
+    targets = absolute_targets([c.kind for c in cands], gains, cfg.scale, cfg.margin)
     rows = LabelRows([], [], [], [], [], [], [])
     K = wc.block_size
-    for j, (c, d, t) in enumerate(zip(cands, deltas, targets)):
+    for j, (c, d, t) in enumerate(zip(cands, gains, targets)):
         for p in [c.pos] if c.kind == "expand" else range(c.pos, c.pos + K):
             level, index = wc.entries[p]
             rows.candidate.append(j)
@@ -274,6 +295,7 @@ class LensExample:
     collapsible: torch.Tensor  # bool [W]: members of a legal sibling group
     groups: list[torch.Tensor]  # entry positions of each candidate
     candidate_targets: torch.Tensor  # float [N]
+    weights: torch.Tensor  # float [W]: 1 / entries of the entry's candidate (each candidate counts once)
 
 
 def lens_example(
@@ -298,6 +320,9 @@ def lens_example(
         groups.setdefault(c, []).append(p)
         cand_t[c] = t
     order = sorted(groups)
+    weights = torch.zeros(W)
+    for c in order:
+        weights[torch.as_tensor(groups[c], dtype=torch.long)] = 1.0 / len(groups[c])
     return LensExample(
         inputs=inputs,
         targets=targets,
@@ -306,4 +331,5 @@ def lens_example(
         collapsible=collapsible,
         groups=[torch.as_tensor(groups[c], dtype=torch.long) for c in order],
         candidate_targets=torch.as_tensor([cand_t[c] for c in order], dtype=torch.float32),
+        weights=weights,
     )

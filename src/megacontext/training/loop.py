@@ -19,6 +19,7 @@ labels and checkpoints.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -45,7 +46,7 @@ from megacontext.checkpoint import (
     save_checkpoint,
 )
 from megacontext.config import Config, OptimConfig, TrainConfig, derive_seed, dump_yaml
-from megacontext.data import Window, WindowSampler, prepare_dataset
+from megacontext.data import TaskMixture, Window, WindowSampler, prepare_dataset
 from megacontext.errors import MegaContextError
 from megacontext.modules import Modules
 from megacontext.telemetry import Telemetry
@@ -160,12 +161,19 @@ class Context:
     train_docs: list[np.ndarray]
     val_windows: list[Window]
     state: TrainState
+    task_windows: list[Window] = field(default_factory=list)  # validation windows of the training tasks
     baselines: dict[str, dict[str, float]] = field(default_factory=dict)  # validate()'s raw-loss cache
 
 
-def _sampler(ctx: Context, *key: Any) -> WindowSampler:
+def _sampler(ctx: Context, plan: PhasePlan, *key: Any) -> WindowSampler | TaskMixture:
+    """The phase's training windows: corpus windows, mixed with the training tasks in the
+    phases ``train.tasks.phases`` lists."""
     t = ctx.cfg.train
-    return WindowSampler(ctx.train_docs, t.horizon, t.history_min, t.history_max, "random", derive_seed(ctx.cfg.seed, *key))
+    seed = derive_seed(ctx.cfg.seed, plan.cycle, plan.phase, *key)
+    corpus = WindowSampler(ctx.train_docs, t.horizon, t.history_min, t.history_max, "random", seed)
+    if plan.phase not in t.tasks.phases:
+        return corpus
+    return TaskMixture(corpus, ctx.train_docs, ctx.modules.base.tokenizer, t.tasks, seed)
 
 
 def phase_labels(ctx: Context, plan: PhasePlan, regenerate: bool) -> list[list[LensExample]]:
@@ -180,7 +188,7 @@ def phase_labels(ctx: Context, plan: PhasePlan, regenerate: bool) -> list[list[L
     folder = ctx.run_dir / "deltas" / f"cycle{plan.cycle}"
     label_steps = -(-plan.steps // cfg.train.labels.reuse)
     if regenerate and ctx.accelerator.is_main_process:
-        sampler = _sampler(ctx, plan.cycle, plan.phase, "labels")
+        sampler = _sampler(ctx, plan, "labels")
         version = m.gist_version()
         snapshots, rows = [], []
         ctx.telemetry.start_phase(f"c{plan.cycle} {plan.phase} labels", label_steps, 0)
@@ -221,7 +229,7 @@ def run_phase(ctx: Context, plan: PhasePlan, resume_from: Checkpoint | None) -> 
     state.phase, state.step = plan.name, start
     optimizer, scheduler = acc.prepare(optimizer, scheduler)
 
-    sampler = _sampler(ctx, plan.cycle, plan.phase)
+    sampler = _sampler(ctx, plan)
     tel.start_phase(f"c{plan.cycle} {plan.phase}", plan.steps, start)
     for step in range(start, plan.steps):
         rng = np.random.default_rng(derive_seed(cfg.seed, plan.cycle, plan.phase, step))
@@ -248,7 +256,7 @@ def run_phase(ctx: Context, plan: PhasePlan, resume_from: Checkpoint | None) -> 
     tel.end_phase()
 
     m.set_trainable(None)
-    metrics, traces = validate(m, cfg, ctx.val_windows, ctx.baselines)
+    metrics, traces = validate(m, cfg, ctx.val_windows, ctx.baselines, ctx.task_windows)
     version = m.gist_version()
     row = {"cycle": plan.cycle, "phase": plan.phase, "name": plan.name, "steps": plan.steps,
            "gist_version": version, **metrics}
@@ -304,6 +312,17 @@ def restore(ckpt: Checkpoint, cfg: Config, m: Modules, telemetry: Telemetry) -> 
     state = TrainState(**ckpt.state)
     telemetry.truncate(state.telemetry_offsets)
     return state
+
+
+def _task_windows(cfg: Config, val_sampler: WindowSampler, docs: list[np.ndarray], base: BaseModel) -> list[Window]:
+    """``validation.task_windows`` windows of each training task that has a share (validation documents)."""
+    t, out = cfg.train, []
+    for task in ("passkey", "multikey"):
+        if getattr(t.tasks, task) > 0 and t.validation.task_windows > 0:
+            only = dataclasses.replace(t.tasks, passkey=float(task == "passkey"), multikey=float(task == "multikey"))
+            mix = TaskMixture(val_sampler, docs, base.tokenizer, only, derive_seed(cfg.seed, "validation", task))
+            out += mix.batch(0, t.validation.task_windows)
+    return out
 
 
 # ------------------------------------------------------------------------ entry point
@@ -369,6 +388,7 @@ def _train(
         train_docs=data.documents("train"),
         val_windows=val_sampler.batch(0, t.validation.windows),
         state=state,
+        task_windows=_task_windows(cfg, val_sampler, data.documents("val"), base),
     )
 
     plan = schedule(t)

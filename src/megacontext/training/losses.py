@@ -46,11 +46,19 @@ def neighbour_contrastive(gists: list[torch.Tensor]) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------ LensNet
-def signed_regression(scores: torch.Tensor, targets: torch.Tensor, labelled: torch.Tensor) -> torch.Tensor:
-    """MSE on labelled entries. scores, targets [W]; labelled [W] bool."""
+def signed_regression(
+    scores: torch.Tensor, targets: torch.Tensor, labelled: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(Weighted) MSE on labelled entries. scores, targets, weights [W]; labelled [W] bool.
+
+    ``weights`` lets every candidate count once: a collapse labels K entries, an expand one.
+    """
     if not bool(labelled.any()):
         return scores.sum() * 0
-    return F.mse_loss(scores[labelled], targets[labelled])
+    if weights is None:
+        return F.mse_loss(scores[labelled], targets[labelled])
+    w = weights[labelled]
+    return (w * (scores[labelled] - targets[labelled]) ** 2).sum() / w.sum().clamp_min(1e-12)
 
 
 def pairwise_ranking(

@@ -182,9 +182,7 @@ def label_step(
         source = build_source(m.base, m.gistnet, w.history, cfg.tree.shape)
         rounds = int(rng.integers(1, settings.rounds + 1)) if on_policy and settings.rounds > 0 else 0
         wc = focus_window(source, m.lensnet, settings, rng, rounds)
-        nll0, r = label_snapshot(
-            m.base, source, wc, w.horizon, rng, labels.candidates, cfg.focus.position_mode, labels.batch
-        )
+        nll0, r = label_snapshot(m.base, source, wc, w.horizon, rng, labels, cfg.focus.position_mode)
         snapshots.append(Snapshot(cycle, step, i, w.doc_index, w.cursor, w.history, w.horizon, wc, nll0, gist_version))
         rows.append(r)
     return snapshots, rows
@@ -211,7 +209,7 @@ def lens_step(m: Modules, cfg: Config, examples: Sequence[LensExample]) -> StepO
         tgt, lab = e.targets.to(dev), e.labelled.to(dev)
         exp, col = e.expandable.to(dev), e.collapsible.to(dev)
         cand = torch.stack([s[g.to(dev)].mean() for g in e.groups]) if e.groups else s[:0]
-        parts["regression"].append(losses.signed_regression(s, tgt, lab))
+        parts["regression"].append(losses.signed_regression(s, tgt, lab, e.weights.to(dev)))
         parts["ranking"].append(losses.pairwise_ranking(cand, e.candidate_targets.to(dev)))
         parts["budget"].append(losses.budget_regulariser(s, exp, col, K, f.budget, f.tau_expand, f.tau_collapse))
         parts["legality"].append(losses.legality(s, exp, col))

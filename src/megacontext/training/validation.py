@@ -41,10 +41,38 @@ def raw_losses(m: Modules, cfg: Config, windows: Sequence[Window], adapted: bool
 
 
 @torch.no_grad()
+def task_metrics(m: Modules, cfg: Config, windows: Sequence[Window]) -> dict[str, float]:
+    """Per task type (passkey, multikey): loss@H of megacontext and uniform_gists, and the
+    allocator's swap rate and actions on those windows — focus at work where it matters."""
+    settings = FocusSettings.from_config(cfg, greedy=False)
+    out: dict[str, float] = {}
+    for task in sorted({w.task for w in windows}):
+        ws = [w for w in windows if w.task == task]
+        sources = [build_source(m.base, m.gistnet, w.history, cfg.tree.shape) for w in ws]
+        rngs = [np.random.default_rng(derive_seed(cfg.seed, "validation", task, i)) for i in range(len(ws))]
+        traces = [FocusTrace() for _ in ws]
+        mc, _ = policy_nll("megacontext", m, settings, ws, sources, rngs, traces)
+        uniform, _ = policy_nll("uniform_gists", m, settings, ws, sources, rngs)
+        out |= {
+            f"{task}_loss_megacontext": _mean(mc),
+            f"{task}_loss_uniform_gists": _mean(uniform),
+            f"{task}_swap_rate": float(np.mean([t.swap_rate for t in traces])),
+            f"{task}_expands": float(sum(t.count("expand") for t in traces)),
+            f"{task}_collapses": float(sum(t.count("collapse") for t in traces)),
+        }
+    return out
+
+
+@torch.no_grad()
 def validate(
-    m: Modules, cfg: Config, windows: Sequence[Window], cache: dict[str, dict[str, float]] | None = None
+    m: Modules,
+    cfg: Config,
+    windows: Sequence[Window],
+    cache: dict[str, dict[str, float]] | None = None,
+    task_windows: Sequence[Window] = (),
 ) -> tuple[dict[str, float], list[dict]]:
-    """Validation metrics and the allocator trace records (see the module docstring).
+    """Validation metrics and the allocator trace records (see the module docstring);
+    with ``task_windows``, :func:`task_metrics` too.
 
     ``cache`` keeps the raw baselines between calls (the frozen ones never change, the
     adapted one only with the adapter). Window ``i`` uses a fixed allocator seed.
@@ -77,6 +105,7 @@ def validate(
         "budget_utilisation": float(np.mean([pw.cost / settings.budget for pw in mc])),
         "expands": float(sum(t.count("expand") for t in traces)),
         "collapses": float(sum(t.count("collapse") for t in traces)),
+        **task_metrics(m, cfg, task_windows),
     }
     records = [{"window": i, **r} for i, t in enumerate(traces) for r in t.records()]
     return metrics, records
