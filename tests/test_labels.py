@@ -28,11 +28,13 @@ def test_a_needle_snapshot_pays_the_needle_and_its_collapses():
 
 
 def test_lookahead_credits_a_coarse_gist_with_its_best_child_path():
-    cands = [Candidate("expand", 3), Candidate("expand", 3, 0), Candidate("expand", 3, 1), Candidate("expand", 5),
-             Candidate("collapse", 7)]
-    kept, gains = path_gains(cands, np.array([0.001, 0.002, 0.5, 0.003, -0.01]))
+    cands = [Candidate("expand", 3), *(Candidate("expand", 3, j) for j in range(4)), Candidate("expand", 5),
+             *(Candidate("expand", 5, j) for j in range(4)), Candidate("collapse", 7)]
+    needle = [0.001, 0.02, 0.5, 0.01, 0.03]  # parent 3 (own gain, 4 paths): the needle is in child 1
+    noise = [0.003, 0.04, 0.05, 0.03, 0.06]  # parent 5: every path a little better, none special
+    kept, gains = path_gains(cands, np.array([*needle, *noise, -0.01]))
     assert kept == [Candidate("expand", 3), Candidate("expand", 5), Candidate("collapse", 7)]
-    assert gains.tolist() == pytest.approx([0.5, 0.003, -0.01])
+    assert gains.tolist() == pytest.approx([0.5 - 0.025, 0.06 - 0.045, -0.01])  # advantage over the median path
 
 
 def test_candidates_cover_every_gist_and_lookahead_paths_apply():

@@ -181,3 +181,18 @@ def test_session_save_and_reopen(smoke_roots, smoke_cfg, smoke_base, text_file, 
           "--json", "--checkpoint", "none"])
     second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert second["history_tokens"] > first["history_tokens"]
+
+
+def test_readme_python_example_runs_verbatim(smoke_cfg, smoke_base, monkeypatch, capsys):
+    """The README's Python block, as written, on the smoke settings (no trained run: untrained modules)."""
+    import re
+
+    import megacontext.config
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    (code,) = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    monkeypatch.setattr(megacontext.config, "load_config", lambda *a, **k: smoke_cfg)
+    exec(compile(code, "README.md", "exec"), {})
+    out = capsys.readouterr().out.strip().splitlines()
+    summary = eval(out[-1])  # the window summary dict
+    assert summary["cost"] <= smoke_cfg.focus.budget and summary["history_tokens"] > smoke_cfg.focus.budget

@@ -267,7 +267,8 @@ def validate(cfg: Config) -> None:
     tasks = cfg.train.tasks
     need(tasks.passkey >= 0 and tasks.multikey >= 0 and tasks.passkey + tasks.multikey <= 1,
          "train.tasks.passkey", "task shares must be >= 0 and add up to at most 1")
-    need(tasks.history_max >= cfg.train.history_min, "train.tasks.history_max", "must be >= train.history_min")
+    need(tasks.passkey + tasks.multikey == 0 or tasks.history_max >= cfg.train.history_min,
+         "train.tasks.history_max", "must be >= train.history_min when a task has a share")
     need(1 <= tasks.facts <= 10, "train.tasks.facts", "must be in [1, 10]")
     unknown = [p for p in tasks.phases if p not in PHASE_NAMES]
     need(not unknown, "train.tasks.phases", f"unknown phases {unknown} (known: {', '.join(PHASE_NAMES)})")

@@ -155,13 +155,18 @@ def random_focus_context(
 @torch.no_grad()
 def similarity_scores(wc: WorkingContext, source: EntrySource, position_mode: str) -> np.ndarray:
     """Training-free scores [W] (InfLLM / MoBA style): cosine of every entry's vector with the
-    mean embedding of the newest block (the current question or code), standardised over
-    the window and squashed: ``tanh(z / 2)``. No learned weights."""
+    mean embedding of the newest block (the current question or code), standardised among
+    the entries of the same level (a pooled gist resembles any mean far more than a single
+    token does) and squashed: ``tanh(z / 2)``. No learned weights."""
     window = assemble(wc, source, position_mode)
     lo = max(0, wc.num_tokens - wc.block_size)
     query = source.token_embeddings(torch.arange(lo, wc.num_tokens)).float().mean(0)
     sims = torch.nn.functional.cosine_similarity(window.embeds.float(), query[None].to(window.embeds.device), dim=-1)
-    z = (sims - sims.mean()) / (sims.std() + 1e-6) if len(sims) > 1 else sims * 0
+    z = torch.zeros_like(sims)
+    for level in window.levels.unique().tolist():
+        at = window.levels == level
+        if int(at.sum()) > 1:
+            z[at] = (sims[at] - sims[at].mean()) / (sims[at].std() + 1e-6)
     return torch.tanh(z / 2).cpu().numpy()
 
 

@@ -7,7 +7,8 @@ For one snapshot (a working context over a window's history):
    outside the tail, :meth:`WorkingContext.collapsible_positions`);
 2. lookahead (``labels.lookahead``): a gist of level >= 2 pays off only once one of its
    children is expanded too, so it is also measured with each child expanded after it, and
-   its gain is the best of those paths (the needle path LOD2 -> LOD1 -> LOD0 gets credit);
+   its gain is the best path's advantage over the median path (the needle path
+   LOD2 -> LOD1 -> LOD0 gets credit; the max of K noisy paths alone would be biased up);
 3. NLL@H of the snapshot and of every counterfactual window in batched, left-padded base
    forwards; gain ``g = NLL(snapshot) - NLL(after action)`` in nats per horizon token;
 4. targets on an ABSOLUTE scale (``s = labels.scale`` nats, noise floor ``m = labels.margin``):
@@ -103,13 +104,16 @@ def measure(
 
 
 def path_gains(candidates: Sequence[Candidate], gains: np.ndarray) -> tuple[list[Candidate], np.ndarray]:
-    """Fold lookahead paths into their parent: the parent's gain is its best path's."""
-    best: dict[int, float] = {}
+    """Fold lookahead paths into their parent: the parent's gain is the better of its own and
+    its best path's ADVANTAGE over its median path (the max of K noisy paths is biased up;
+    a parent over nothing in particular must not look like one over a needle)."""
+    paths: dict[int, list[float]] = {}
     for c, g in zip(candidates, gains):
         if c.kind == "expand" and c.child >= 0:
-            best[c.pos] = max(best.get(c.pos, -np.inf), float(g))
+            paths.setdefault(c.pos, []).append(float(g))
+    lookahead = {pos: max(v) - float(np.median(v)) for pos, v in paths.items()}
     keep = [i for i, c in enumerate(candidates) if c.child < 0]
-    out = np.asarray([max(float(gains[i]), best.get(candidates[i].pos, -np.inf))
+    out = np.asarray([max(float(gains[i]), lookahead.get(candidates[i].pos, -np.inf))
                       if candidates[i].kind == "expand" else float(gains[i]) for i in keep])
     return [candidates[i] for i in keep], out
 
