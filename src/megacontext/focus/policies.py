@@ -116,6 +116,30 @@ def refocus(
     return allocator.refocus_passes(wc, lambda w: score_window(w, source, lensnet, position_mode, timer))
 
 
+ScoreFn = Callable[[WorkingContext], np.ndarray]  # the window as it stands -> one score per entry [W]
+
+
+@torch.no_grad()
+def refocus_rounds(
+    num_tokens: int,
+    settings: FocusSettings,
+    rng: np.random.Generator,
+    score: ScoreFn,
+    rounds: int | None = None,
+    trace: FocusTrace | None = None,
+) -> WorkingContext:
+    """:func:`initial_context`, then ``rounds`` (default ``settings.rounds``) refocuses of the
+    allocator on ``score`` (re-scored between passes), each recorded in ``trace``."""
+    wc = initial_context(num_tokens, settings)
+    allocator = FocusAllocator(settings.focus, settings.shape.block_size, rng)
+    for _ in range(settings.rounds if rounds is None else rounds):
+        entries = wc.cost
+        actions = allocator.refocus_passes(wc, score)
+        if trace is not None:
+            trace.record(actions, entries)
+    return wc
+
+
 def focus_window(
     source: HistorySource,
     lensnet: LensNet,
@@ -124,32 +148,18 @@ def focus_window(
     rounds: int | None = None,
     trace: FocusTrace | None = None,
 ) -> WorkingContext:
-    """On-policy working context over ``source``: :func:`initial_context`, then ``rounds``
-    (default ``settings.rounds``) refocuses. Assemble the result again (with grad) to
-    train through it."""
-    wc = initial_context(source.num_tokens, settings)
-    allocator = FocusAllocator(settings.focus, settings.shape.block_size, rng)
-    with torch.no_grad():
-        for _ in range(settings.rounds if rounds is None else rounds):
-            entries = wc.cost
-            actions = refocus(wc, source, lensnet, allocator, settings.focus.position_mode)
-            if trace is not None:
-                trace.record(actions, entries)
-    return wc
+    """On-policy working context over ``source``: LensNet drives the allocator. Assemble the
+    result again (with grad) to train through it."""
+    mode = settings.focus.position_mode
+    return refocus_rounds(source.num_tokens, settings, rng, lambda w: score_window(w, source, lensnet, mode),
+                          rounds, trace)
 
 
 def random_focus_context(
     num_tokens: int, settings: FocusSettings, rng: np.random.Generator, trace: FocusTrace | None = None
 ) -> WorkingContext:
-    """:func:`initial_context` then ``settings.rounds`` refocuses on uniform scores in [-1, 1]."""
-    wc = initial_context(num_tokens, settings)
-    allocator = FocusAllocator(settings.focus, settings.shape.block_size, rng)
-    for _ in range(settings.rounds):
-        entries = wc.cost
-        actions = allocator.refocus_passes(wc, lambda w: rng.uniform(-1.0, 1.0, w.cost))
-        if trace is not None:
-            trace.record(actions, entries)
-    return wc
+    """The allocator on seeded uniform scores in [-1, 1]."""
+    return refocus_rounds(num_tokens, settings, rng, lambda w: rng.uniform(-1.0, 1.0, w.cost), trace=trace)
 
 
 @torch.no_grad()
@@ -173,16 +183,9 @@ def similarity_scores(wc: WorkingContext, source: EntrySource, position_mode: st
 def similarity_focus_context(
     source: HistorySource, settings: FocusSettings, rng: np.random.Generator, trace: FocusTrace | None = None
 ) -> WorkingContext:
-    """:func:`initial_context` then ``settings.rounds`` refocuses on :func:`similarity_scores`."""
-    wc = initial_context(source.num_tokens, settings)
-    allocator = FocusAllocator(settings.focus, settings.shape.block_size, rng)
+    """The allocator on :func:`similarity_scores` (training-free retrieval)."""
     mode = settings.focus.position_mode
-    for _ in range(settings.rounds):
-        entries = wc.cost
-        actions = allocator.refocus_passes(wc, lambda w: similarity_scores(w, source, mode))
-        if trace is not None:
-            trace.record(actions, entries)
-    return wc
+    return refocus_rounds(source.num_tokens, settings, rng, lambda w: similarity_scores(w, source, mode), trace=trace)
 
 
 # ------------------------------------------------------------------------ the policies
