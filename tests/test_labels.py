@@ -20,11 +20,18 @@ def test_a_flat_snapshot_yields_near_zero_targets():
 def test_a_needle_snapshot_pays_the_needle_and_its_collapses():
     kinds = ["expand", "expand", "expand", "collapse", "collapse"]
     gains = np.array([0.004, 0.45, -0.002, -0.003, -0.30])  # the needle, filler, a harmful collapse
-    t = absolute_targets(kinds, gains, scale=0.1, margin=0.01)
+    t = absolute_targets(kinds, gains, scale=0.1, margin=0.01, pay_collapses=True)
     assert t[1] > 0.99 and abs(t[0]) < 0.05 and t[2] <= 0  # the needle stands out, on an absolute scale
     assert t[3] < -0.99  # a harmless collapse is worth it: it pays for the needle
     assert t[3] < t[4] < -0.5  # a harmful one less so (0.30 of the 0.45 gain is lost)
     assert (t[3:] <= 0).all()
+
+
+def test_without_payment_a_collapse_is_worth_only_its_own_gain():
+    kinds = ["expand", "collapse", "collapse", "collapse"]
+    t = absolute_targets(kinds, np.array([0.45, -0.003, -0.30, 0.08]), scale=0.1, margin=0.01)
+    assert t[0] > 0.99 and t[1] == 0 and t[2] == 0  # harmless or harmful: no reason to collapse
+    assert t[3] < -0.5  # a collapse that itself helps
 
 
 def test_lookahead_credits_a_coarse_gist_with_its_best_child_path():

@@ -217,6 +217,7 @@ class LabelConfig:
     scale: float = 0.1  # nats per horizon token that make a target of tanh(1) = 0.76
     margin: float = 0.01  # noise floor: gains below it count as nothing
     lookahead: bool = True  # level >= 2 gists are credited with their best child path
+    pay_collapses: bool = False  # collapses labelled by what they pay for (the best expand), not only their harm
 
 
 @dataclass

@@ -13,10 +13,13 @@ For one snapshot (a working context over a window's history):
    forwards; gain ``g = NLL(snapshot) - NLL(after action)`` in nats per horizon token;
 4. targets on an ABSOLUTE scale (``s = labels.scale`` nats, noise floor ``m = labels.margin``):
    an expand gets ``tanh(soft(g, m) / s)`` (``soft`` shrinks |g| by m): a gain of 0.002
-   stays near 0 and "nothing here helps" is a snapshot of near-zero targets. A collapse is
-   worth doing to pay for the best expand ``G = max(0, max g_expand)``: each of its K
-   entries gets ``-tanh(max(0, G - m - harm) / s)`` with ``harm = -g_collapse`` — near 0
-   when no expand is worth paying for, strongly negative when a needle waits elsewhere.
+   stays near 0 and "nothing here helps" is a snapshot of near-zero targets. Each of a
+   collapse's K entries gets ``-tanh(max(0, soft(g, m)) / s)``: negative only when the
+   collapse itself helps. With ``labels.pay_collapses`` a collapse is worth what it pays
+   for, the best expand ``G = max(0, max g_expand)``: ``-tanh(max(0, G - m - harm) / s)``
+   with ``harm = -g_collapse`` — strongly negative when a needle waits elsewhere, but on
+   corpus windows the max of many noisy expand gains makes it collapse raw text (measured:
+   the default run's megacontext fell 0.1 nats below uniform_gists).
 
 Labels are written as Parquet (``labels.parquet``: one row per labelled entry;
 ``snapshots.parquet``: one row per snapshot with its tokens and working context) and read
@@ -118,20 +121,30 @@ def path_gains(candidates: Sequence[Candidate], gains: np.ndarray) -> tuple[list
     return [candidates[i] for i in keep], out
 
 
-def absolute_targets(kinds: Sequence[str], gains: np.ndarray, scale: float, margin: float) -> np.ndarray:
+def absolute_targets(
+    kinds: Sequence[str], gains: np.ndarray, scale: float, margin: float, pay_collapses: bool = False
+) -> np.ndarray:
     """Per-candidate targets in (-1, 1) on an absolute scale (see the module docstring).
 
     kinds [N] ("expand" | "collapse"), gains [N] = NLL(snapshot) - NLL(after) -> float32 [N].
+    ``pay_collapses``: a collapse's worth is what it pays for; else only its own gain (a
+    collapse that does no harm is then worth nothing, and nothing is collapsed on a hunch).
     """
     if len(gains) == 0:
         return np.zeros(0, dtype=np.float32)
     exp = np.asarray(kinds) == "expand"
+
+    def soft(x: np.ndarray) -> np.ndarray:
+        return np.sign(x) * np.maximum(np.abs(x) - margin, 0.0)
+
     out = np.zeros(len(gains))
     g = gains[exp]
-    out[exp] = np.tanh(np.sign(g) * np.maximum(np.abs(g) - margin, 0.0) / scale)
-    best = max(0.0, float(g.max())) if exp.any() else 0.0
-    harm = -gains[~exp]
-    out[~exp] = -np.tanh(np.maximum(best - margin - harm, 0.0) / scale)
+    out[exp] = np.tanh(soft(g) / scale)
+    if pay_collapses:
+        best = max(0.0, float(g.max())) if exp.any() else 0.0
+        out[~exp] = -np.tanh(np.maximum(best - margin + gains[~exp], 0.0) / scale)
+    else:
+        out[~exp] = -np.tanh(np.maximum(soft(gains[~exp]), 0.0) / scale)
     return out.astype(np.float32)
 
 
@@ -178,7 +191,7 @@ def label_snapshot(
     cands = sample_candidates(wc, rng, cfg.candidates, cfg.lookahead)
     nll0, after = measure(base, source, wc, cands, horizon, position_mode, cfg.batch)
     cands, gains = path_gains(cands, nll0 - after)
-    targets = absolute_targets([c.kind for c in cands], gains, cfg.scale, cfg.margin)
+    targets = absolute_targets([c.kind for c in cands], gains, cfg.scale, cfg.margin, cfg.pay_collapses)
     rows = LabelRows([], [], [], [], [], [], [])
     K = wc.block_size
     for j, (c, d, t) in enumerate(zip(cands, gains, targets)):
