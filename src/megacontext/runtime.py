@@ -76,7 +76,8 @@ class Session:
     seed: int = 0
     wc: WorkingContext | None = None
     telemetry: list[BlockTelemetry] = field(default_factory=list)
-    trace: FocusTrace = field(default_factory=FocusTrace)  # every refocus (and forced collapse)
+    trace: FocusTrace = field(default_factory=FocusTrace)  # every refocus
+    forced: list[Action] = field(default_factory=list)  # budget-overflow collapses of WorkingContext.extend
     base_forward_ms: list[float] = field(default_factory=list)
     on_block: Callable[[BlockTelemetry], None] | None = None
 
@@ -114,7 +115,7 @@ class Session:
             else:
                 forced = self.wc.extend(self.num_tokens)
                 if forced:
-                    self.trace.record(forced, self.wc.cost)
+                    self.forced.extend(forced)
                     self._cache = _Cache()
             if self.num_tokens % self.block_size == 0:
                 self.refocus()
@@ -229,7 +230,7 @@ class Session:
             "covered_tokens": s["covered_tokens"],
             "history_tokens": s["history_tokens"],
             "refocuses": len(self.telemetry),
-            "actions": sum(len(a) for a in self.trace.actions),
+            "actions": sum(len(a) for a in self.trace.actions) + len(self.forced),
         }
 
     # ------------------------------------------------------------ persistence

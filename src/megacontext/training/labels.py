@@ -2,8 +2,8 @@
 
 For one snapshot (a working context over a window's history):
 
-1. candidates: EVERY gist entry as an expand (measured with the budget raised by one block
-   so that the expand itself fits) and up to ``labels.candidates`` collapses (sibling groups
+1. candidates: EVERY gist entry as an expand (measured with the budget raised so that the
+   expand, and its lookahead path, fit) and up to ``labels.candidates`` collapses (sibling groups
    outside the tail, :meth:`WorkingContext.collapsible_positions`);
 2. lookahead (``labels.lookahead``): a gist of level >= 2 pays off only once one of its
    children is expanded too, so it is also measured with each child expanded after it, and

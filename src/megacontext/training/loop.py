@@ -47,6 +47,7 @@ from megacontext.checkpoint import (
 )
 from megacontext.config import Config, OptimConfig, TrainConfig, derive_seed, dump_yaml
 from megacontext.data import TaskMixture, Window, WindowSampler, prepare_dataset
+from megacontext.data.tasks import TASKS
 from megacontext.errors import MegaContextError
 from megacontext.modules import Modules
 from megacontext.telemetry import Telemetry
@@ -317,7 +318,7 @@ def restore(ckpt: Checkpoint, cfg: Config, m: Modules, telemetry: Telemetry) -> 
 def _task_windows(cfg: Config, val_sampler: WindowSampler, docs: list[np.ndarray], base: BaseModel) -> list[Window]:
     """``validation.task_windows`` windows of each training task that has a share (validation documents)."""
     t, out = cfg.train, []
-    for task in ("passkey", "multikey"):
+    for task in TASKS[1:]:  # every training task after "corpus"
         if getattr(t.tasks, task) > 0 and t.validation.task_windows > 0:
             only = dataclasses.replace(t.tasks, passkey=float(task == "passkey"), multikey=float(task == "multikey"))
             mix = TaskMixture(val_sampler, docs, base.tokenizer, only, derive_seed(cfg.seed, "validation", task))

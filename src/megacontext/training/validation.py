@@ -15,7 +15,7 @@ import torch
 
 from megacontext.config import Config, derive_seed
 from megacontext.data import Window
-from megacontext.focus.policies import FocusSettings, policy_nll
+from megacontext.focus.policies import FocusSettings, PolicyWindow, policy_nll
 from megacontext.focus.source import build_source
 from megacontext.focus.trace import FocusTrace
 from megacontext.modules import Modules
@@ -41,25 +41,35 @@ def raw_losses(m: Modules, cfg: Config, windows: Sequence[Window], adapted: bool
 
 
 @torch.no_grad()
-def task_metrics(m: Modules, cfg: Config, windows: Sequence[Window]) -> dict[str, float]:
-    """Per task type (passkey, multikey): loss@H of megacontext and uniform_gists, and the
-    allocator's swap rate and actions on those windows — focus at work where it matters."""
+def focus_metrics(
+    m: Modules, cfg: Config, windows: Sequence[Window], *seed_key: str
+) -> tuple[dict[str, float], list[FocusTrace], list[PolicyWindow]]:
+    """loss@H of megacontext (on-policy focus) and uniform_gists on ``windows``, with the
+    allocator's swap rate and actions; window ``i`` draws from ``derive_seed(seed,
+    "validation", *seed_key, i)``. Returns (metrics, one trace per window, megacontext's windows)."""
     settings = FocusSettings.from_config(cfg, greedy=False)
+    sources = [build_source(m.base, m.gistnet, w.history, cfg.tree.shape) for w in windows]
+    rngs = [np.random.default_rng(derive_seed(cfg.seed, "validation", *seed_key, i)) for i in range(len(windows))]
+    traces = [FocusTrace() for _ in windows]
+    mc, pws = policy_nll("megacontext", m, settings, windows, sources, rngs, traces)
+    uniform, _ = policy_nll("uniform_gists", m, settings, windows, sources, rngs)
+    metrics = {
+        "loss_megacontext": _mean(mc),
+        "loss_uniform_gists": _mean(uniform),
+        "swap_rate": float(np.mean([t.swap_rate for t in traces])),
+        "expands": float(sum(t.count("expand") for t in traces)),
+        "collapses": float(sum(t.count("collapse") for t in traces)),
+    }
+    return metrics, traces, pws
+
+
+def task_metrics(m: Modules, cfg: Config, windows: Sequence[Window]) -> dict[str, float]:
+    """:func:`focus_metrics` per task type (passkey, multikey), prefixed with its name —
+    focus at work where it matters."""
     out: dict[str, float] = {}
     for task in sorted({w.task for w in windows}):
-        ws = [w for w in windows if w.task == task]
-        sources = [build_source(m.base, m.gistnet, w.history, cfg.tree.shape) for w in ws]
-        rngs = [np.random.default_rng(derive_seed(cfg.seed, "validation", task, i)) for i in range(len(ws))]
-        traces = [FocusTrace() for _ in ws]
-        mc, _ = policy_nll("megacontext", m, settings, ws, sources, rngs, traces)
-        uniform, _ = policy_nll("uniform_gists", m, settings, ws, sources, rngs)
-        out |= {
-            f"{task}_loss_megacontext": _mean(mc),
-            f"{task}_loss_uniform_gists": _mean(uniform),
-            f"{task}_swap_rate": float(np.mean([t.swap_rate for t in traces])),
-            f"{task}_expands": float(sum(t.count("expand") for t in traces)),
-            f"{task}_collapses": float(sum(t.count("collapse") for t in traces)),
-        }
+        metrics, _, _ = focus_metrics(m, cfg, [w for w in windows if w.task == task], task)
+        out |= {f"{task}_{k}": v for k, v in metrics.items()}
     return out
 
 
@@ -78,12 +88,7 @@ def validate(
     adapted one only with the adapter). Window ``i`` uses a fixed allocator seed.
     """
     m.set_trainable(None)
-    settings = FocusSettings.from_config(cfg, greedy=False)
-    sources = [build_source(m.base, m.gistnet, w.history, cfg.tree.shape) for w in windows]
-    rngs = [np.random.default_rng(derive_seed(cfg.seed, "validation", i)) for i in range(len(windows))]
-    traces = [FocusTrace() for _ in windows]
-    loss_mc, mc = policy_nll("megacontext", m, settings, windows, sources, rngs, traces)
-    loss_uniform, _ = policy_nll("uniform_gists", m, settings, windows, sources, rngs)
+    focus, traces, mc = focus_metrics(m, cfg, windows)
     cache = {} if cache is None else cache
     keys = {"frozen": False, f"adapted-{m.adapter_version()}": True}
     for key, adapted in keys.items():
@@ -92,19 +97,19 @@ def validate(
     raw = {k: v for key in keys for k, v in cache[key].items()}
     loss_rec, loss_ref = raw["loss_recency"], raw["loss_reference"]
     res = np.asarray([r for t in traces for r in t.residency], dtype=np.float64)
-    gap = loss_rec - loss_ref
+    gap, loss_mc = loss_rec - loss_ref, focus["loss_megacontext"]
     metrics = {
-        "loss_megacontext": _mean(loss_mc),
-        "loss_uniform_gists": _mean(loss_uniform),
+        "loss_megacontext": loss_mc,
+        "loss_uniform_gists": focus["loss_uniform_gists"],
         **raw,
-        "dnll": _mean(loss_mc) - loss_ref,
-        "gap_closed": (loss_rec - _mean(loss_mc)) / gap if gap > 0 else float("nan"),  # nan: no gap to close
-        "swap_rate": float(np.mean([t.swap_rate for t in traces])),
+        "dnll": loss_mc - loss_ref,
+        "gap_closed": (loss_rec - loss_mc) / gap if gap > 0 else float("nan"),  # nan: no gap to close
+        "swap_rate": focus["swap_rate"],
         "residency_mean": float(res.mean()) if len(res) else float("nan"),
         "residency_p95": float(np.percentile(res, 95)) if len(res) else float("nan"),
-        "budget_utilisation": float(np.mean([pw.cost / settings.budget for pw in mc])),
-        "expands": float(sum(t.count("expand") for t in traces)),
-        "collapses": float(sum(t.count("collapse") for t in traces)),
+        "budget_utilisation": float(np.mean([pw.cost / cfg.focus.budget for pw in mc])),
+        "expands": focus["expands"],
+        "collapses": focus["collapses"],
         **task_metrics(m, cfg, task_windows),
     }
     records = [{"window": i, **r} for i, t in enumerate(traces) for r in t.records()]
