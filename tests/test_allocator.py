@@ -48,13 +48,17 @@ class Judge:
         self.history: dict[Entry, tuple[str, int]] = {}  # node -> (expand|collapse, step), never pruned
 
     def note(self, actions: list[Action], cooldown: int) -> None:
-        """Forced collapses must happen (hard budget) but start a cooldown like any other."""
+        """Forced collapses must happen (hard budget); one that undoes a recent expand starts
+        a cooldown like any other action, one that folds new text does not."""
         for a in actions:
             kind = "expand" if a.kind == "expand" else "collapse"
             prev = self.history.get(a.node)
             if prev is not None and prev[0] != kind and a.kind != "forced_collapse":
                 assert a.step - prev[1] > cooldown, f"{a} flips {prev} within cooldown {cooldown}"
-            self.history[a.node] = (kind, a.step)
+            if a.kind == "forced_collapse" and not (prev and prev[0] == "expand" and a.step - prev[1] <= cooldown):
+                self.history.pop(a.node, None)
+            else:
+                self.history[a.node] = (kind, a.step)
 
     def refocus(self, alloc: FocusAllocator, wc: CheckedWC, scores: np.ndarray) -> list[Action]:
         cfg, K = self.cfg, wc.block_size
@@ -68,12 +72,15 @@ class Judge:
             if e[0] >= 1 and scores[p] > cfg.tau_expand and blocked.get(e, ("",))[0] != "collapse"
         }
         col_cands = {}  # threshold with float slack; EPS-clear ones must be taken (greedy)
+        pay_cands = {}  # every legal, non-blocked group: may pay for a strong enough expand
         for p in range(len(snap)):
             if wc.can_collapse(p):
                 parent = (snap[p][0] + 1, snap[p][1] // K)
                 mean = float(np.mean(scores[p : p + K]))
-                if mean < -cfg.tau_collapse + EPS and blocked.get(parent, ("",))[0] != "expand":
-                    col_cands[parent] = mean
+                if blocked.get(parent, ("",))[0] != "expand":
+                    pay_cands[parent] = mean
+                    if mean < -cfg.tau_collapse + EPS:
+                        col_cands[parent] = mean
         assert wc.collapsible_positions().tolist() == [p for p in range(len(snap)) if wc.can_collapse(p)]
 
         wc.edits.clear()
@@ -82,15 +89,20 @@ class Judge:
         assert actions == wc.edits, "the allocator reports exactly the edits it made"
         assert wc.step == step0 + 1 and len(actions) <= cfg.n_diff
         cost, cap = cost0, wc.budget - wc.headroom
-        for a in actions:
+        margin = cfg.pay_margin
+        for i, a in enumerate(actions):
             assert a.step == wc.step and a.cost_before == cost
             if a.kind == "expand":
                 assert a.node in exp_cands and a.score == pytest.approx(exp_cands[a.node])
                 assert a.cost_after == cost + K - 1 <= cap
                 assert a.residency == wc.step - born[a.node]
-            else:
-                assert a.kind == "collapse" and a.node in col_cands
+            elif a.node in col_cands:
+                assert a.kind == "collapse"
                 assert a.score == pytest.approx(col_cands[a.node]) and a.score < -cfg.tau_collapse + EPS
+            else:  # a payment: the next expand is strong enough to displace this group
+                assert cfg.pay_for_expands and a.kind == "collapse" and a.node in pay_cands
+                paid = next(b for b in actions[i + 1 :] if b.kind == "expand")
+                assert a.score == pytest.approx(pay_cands[a.node]) and a.score < paid.score - margin + EPS
                 assert a.cost_after == cost - (K - 1)
                 children = [(a.level - 1, a.index * K + j) for j in range(K)]
                 assert a.residency == pytest.approx(wc.step - np.mean([born[c] for c in children]))
@@ -98,22 +110,24 @@ class Judge:
         assert cost == wc.cost
         self.note(actions, cfg.cooldown)
         if cfg.stochastic:
-            self._within_top_k(actions, exp_cands, col_cands)
+            self._within_top_k(actions, exp_cands, col_cands, margin)
         else:
-            self._greedy_complete(wc, actions, exp_cands, col_cands)
+            self._greedy_complete(wc, actions, exp_cands, col_cands, pay_cands, cost0)
         return actions
 
-    def _within_top_k(self, actions, exp_cands, col_cands) -> None:
+    def _within_top_k(self, actions, exp_cands, col_cands, margin) -> None:
         k = self.cfg.top_k
         top_e = sorted(exp_cands.values(), reverse=True)[:k]
         top_c = sorted(col_cands.values())[:k]
-        for a in actions:
+        for i, a in enumerate(actions):
+            pays = self.cfg.pay_for_expands and any(
+                b.kind == "expand" and a.score < b.score - margin + EPS for b in actions[i + 1 :])
             if a.kind == "expand":
                 assert a.score >= top_e[-1]
-            else:
+            elif not pays:  # a payment comes from every legal group, lowest first, not the top k
                 assert a.score <= top_c[-1] + EPS
 
-    def _greedy_complete(self, wc, actions, exp_cands, col_cands) -> None:
+    def _greedy_complete(self, wc, actions, exp_cands, col_cands, pay_cands, cost0) -> None:
         expands = [a.score for a in actions if a.kind == "expand"]
         assert expands == sorted(expands, reverse=True), "greedy expands go by score"
         if len(actions) == self.cfg.n_diff:
@@ -125,9 +139,21 @@ class Judge:
                 continue
             first = wc.position_of((parent[0] - 1, parent[1] * wc.block_size))
             assert first is None or not wc.can_collapse(first), f"missed collapse into {parent}"
-        for node in exp_cands:
-            if wc.position_of(node) is not None:
-                assert wc.cost + wc.block_size - 1 > wc.budget - wc.headroom, f"missed expand {node}"
+        K, margin = wc.block_size, self.cfg.pay_margin
+        for node, score in exp_cands.items():
+            if wc.position_of(node) is None:
+                continue
+            assert wc.cost + K - 1 > wc.budget - wc.headroom, f"missed expand {node}"
+            over = cost0 > wc.budget - wc.headroom  # grown past the cap: one payment may not be enough
+            if not self.cfg.pay_for_expands or over or len(actions) >= self.cfg.n_diff - 1:
+                continue
+            for parent, mean in pay_cands.items():  # no payment left that this expand could have made
+                first = wc.position_of((parent[0] - 1, parent[1] * K))
+                if first is None or not wc.can_collapse(first) or mean >= score - margin - EPS:
+                    continue
+                start, end = wc.span(parent)
+                inside = node[0] < parent[0] and start <= wc.span(node)[0] < end
+                assert inside, f"expand {node} ({score:.2f}) skipped while {parent} ({mean:.2f}) could pay for it"
 
 
 def score_stream(rng: np.random.Generator, mode: str, W: int, flip: int) -> np.ndarray:
@@ -161,6 +187,8 @@ def scenarios(draw):
         temperature=draw(st.sampled_from([0.3, 1.0, 3.0])),
         top_k=draw(st.integers(1, 8)),
         passes=draw(st.integers(1, 3)),
+        pay_for_expands=draw(st.booleans()),
+        pay_margin=draw(st.sampled_from([0.0, 0.2, 0.4])),
     )
     return {
         "K": K,
@@ -241,7 +269,7 @@ def test_expands_go_best_first_and_only_above_threshold():
     gists = [p for p, e in enumerate(wc.entries) if e[0] >= 1]
     s[gists[0]], s[gists[1]], s[gists[2]], s[gists[3]] = 0.6, 0.9, 0.15, 0.7
     want = [wc.entries[gists[1]], wc.entries[gists[3]]]
-    acts = FocusAllocator(cfg(n_diff=4), 4).refocus(wc, s)
+    acts = FocusAllocator(cfg(n_diff=4, pay_for_expands=False), 4).refocus(wc, s)
     assert [(a.kind, a.node, a.score) for a in acts] == [("expand", want[0], 0.9), ("expand", want[1], 0.7)]
     assert wc.cost + 3 > wc.budget - wc.headroom
 
@@ -265,8 +293,31 @@ def test_expand_skipped_when_nothing_can_make_room():
     wc = window()
     before = list(wc.entries)
     s = np.where(wc.levels_array() >= 1, 0.9, 0.0)
-    assert FocusAllocator(cfg(), 4).refocus(wc, s) == []
+    assert FocusAllocator(cfg(pay_for_expands=False), 4).refocus(wc, s) == []
     assert wc.entries == before and wc.step == 1
+    s = np.where(wc.levels_array() >= 1, 0.3, 0.0)  # too weak to displace anything (0.3 - 0 < pay_margin 0.4)
+    assert FocusAllocator(cfg(), 4).refocus(wc, s) == []
+    assert wc.entries == before
+
+
+def test_a_strong_expand_is_paid_for_by_the_lowest_scored_groups():
+    wc = window()  # full: an expand needs a collapse first; no score is below -tau_collapse
+    s = np.zeros(wc.cost)
+    target = wc.entries[3]
+    s[3] = 0.9
+    groups = wc.collapsible_positions()
+    cheap = int(groups[-1])  # the newest legal group scores lowest: it pays, not the oldest
+    s[cheap : cheap + 4] = -0.1
+    paid = (wc.entries[cheap][0] + 1, wc.entries[cheap][1] // 4)
+    acts = FocusAllocator(cfg(), 4).refocus(wc, s)
+    assert [(a.kind, a.node) for a in acts] == [("collapse", paid), ("expand", target)]
+    wc.check_invariants()
+    s = np.zeros(wc.cost)  # ties: the oldest legal group pays
+    s[int(np.flatnonzero(wc.levels_array() >= 1)[0])] = 0.9
+    first = int(wc.collapsible_positions()[0])
+    oldest = (wc.entries[first][0] + 1, wc.entries[first][1] // 4)
+    acts = FocusAllocator(cfg(cooldown=0), 4).refocus(wc, s)
+    assert [a.kind for a in acts] == ["collapse", "expand"] and acts[0].node == oldest
 
 
 def test_room_is_not_made_by_collapsing_the_expand_target_itself():
@@ -362,9 +413,11 @@ def test_w8192_refocus_is_legal():
 
 @pytest.mark.parametrize("needle", [100, 1500, 2900, 3700])
 @pytest.mark.parametrize("headroom", [0, 1])
-def test_the_needle_path_is_reachable_within_the_refocus_rounds(needle, headroom):
+@pytest.mark.parametrize("filler", [-0.5, 0.0])
+def test_the_needle_path_is_reachable_within_the_refocus_rounds(needle, headroom, filler):
     """W=256, history 4,096 (16x), the default allocator: from the initial assembly, scores
-    that point at the needle (+0.9 on every gist over it, -0.5 on raw filler outside the tail)
+    that point at the needle (+0.9 on every gist over it; raw filler outside the tail at
+    -0.5, collapsed on its own, or at 0, collapsed only to pay for the needle's expands)
     bring the needle to LOD0 in 3 refocuses, LOD2 -> LOD1 -> LOD0, collapsing elsewhere."""
     focus = FocusConfig(budget=256, tail_blocks=2, n_diff=4, cooldown=2)
     wc = WorkingContext.initial(4096, 32, 2, 256, 2, headroom=headroom)
@@ -374,7 +427,7 @@ def test_the_needle_path_is_reachable_within_the_refocus_rounds(needle, headroom
         starts, ends = w.spans()
         over = (starts <= needle) & (needle < ends)
         lv = w.levels_array()
-        return np.where(over & (lv >= 1), 0.9, np.where((lv == 0) & ~over & (starts < w.tail_start), -0.5, 0.0))
+        return np.where(over & (lv >= 1), 0.9, np.where((lv == 0) & ~over & (starts < w.tail_start), filler, 0.0))
 
     for _ in range(3):
         alloc.refocus_passes(wc, scores)

@@ -404,6 +404,26 @@ def test_training_tasks_are_deterministic_and_apart_from_evaluation(smoke_data):
     assert tok.decode(w.horizon.tolist()).strip().startswith(key)
 
 
+def test_eval_multikey_plants_the_asked_fact_at_its_depth_apart_from_training(smoke_data):
+    from megacontext.data import EVAL_FACTS, make_multikey
+    from megacontext.data.tasks import TRAIN_FACTS
+
+    tok, filler = smoke_data.tokenizer(), smoke_data.documents("test")
+    assert not set(EVAL_FACTS.names) & set(TRAIN_FACTS.names) and EVAL_FACTS.needle != TRAIN_FACTS.needle
+    for depth in (0.0, 0.5, 1.0):
+        a = make_multikey(np.random.default_rng(5), tok, filler, 800, 4, depth=depth)
+        b = make_multikey(np.random.default_rng(5), tok, filler, 800, 4, depth=depth)
+        assert (a.prompt == b.prompt).all() and a.key == b.key and len(a.prompt) == 800
+        text = tok.decode(a.prompt.tolist())
+        assert text.count(" id: ") == 4 and " code: " not in text
+        asked = text.rsplit("which is the ", 1)[1].split(" id")[0]
+        assert text.split(f"# {asked} id: ", 1)[1][:5] == a.key and tok.decode(a.answer.tolist()).strip() == a.key
+        assert tok.decode(a.prompt[a.needle_pos : a.needle_pos + 12].tolist()).strip().startswith(f"# {asked} id:")
+        assert abs(a.depth - depth) < 0.01
+    with pytest.raises(DataError, match="facts"):
+        make_multikey(np.random.default_rng(0), tok, filler, 800, 99)
+
+
 def test_unreadable_manifest_is_rebuilt(tmp_path, corpus, capsys):
     cfg = tiny_cfg(tmp_path / "data")
     spec = f"files:{corpus}/**/*.py"

@@ -94,3 +94,30 @@ def test_megacontext_policy_is_the_on_policy_loop(smoke_cfg, smoke_base, smoke_d
     w = Window(0, len(history), history, np.concatenate(smoke_data.documents("train"))[900:932].astype(np.int64))
     nll, pws = policy_nll("recency", mods, settings, [w], [None], [np.random.default_rng(0)])
     assert len(nll) == 1 and np.isfinite(nll[0]) and pws[0].cost == settings.budget
+
+
+@torch.no_grad()
+def test_oracle_focus_only_takes_expands_that_help_its_probe_and_stays_in_budget(smoke_cfg, smoke_base, smoke_data):
+    """The ceiling: each greedy step lowers the probe's NLL, pays for itself within the budget,
+    and never collapses what it expanded; it is not a policy (never in POLICIES)."""
+    from megacontext.focus.counterfactual import windows_nll
+    from megacontext.focus.oracle import oracle_focus_context
+
+    assert "oracle_focus" not in POLICIES
+    mods = Modules.fresh(smoke_cfg, smoke_base)
+    settings = FocusSettings.from_config(smoke_cfg, greedy=True)
+    doc = next(d for d in smoke_data.documents("train") if len(d) >= 700)
+    history, probe = np.asarray(doc[:640]), np.asarray(doc[640:660])
+    source = build_source(mods.base, mods.gistnet, history, settings.shape)
+    start = initial_context(len(history), settings)
+    mode = settings.focus.position_mode
+    one = oracle_focus_context(mods.base, source, start.copy(), probe, 1, mode, 8)
+    more = oracle_focus_context(mods.base, source, start.copy(), probe, 4, mode, 8)
+    nll = windows_nll(mods.base, source, [start, one, more], probe, mode, 8)
+    for wc in (one, more):
+        wc.check_invariants()
+        assert wc.cost <= start.budget and wc.num_tokens == len(history)
+    assert nll[1] <= nll[0] and nll[2] <= nll[1]
+    assert one.entries != start.entries and nll[1] < nll[0]  # this probe has an expand that helps
+    raw = lambda wc: {i for (lv, i) in wc.entries if lv == 0}  # noqa: E731
+    assert raw(one) - raw(start) <= raw(more)  # what the first step expanded stays expanded

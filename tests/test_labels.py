@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from megacontext.training.labels import Candidate, absolute_targets, apply_candidate, path_gains, sample_candidates
+from megacontext.focus.counterfactual import Candidate, apply_candidate, path_gains, sample_candidates
+from megacontext.training.labels import absolute_targets
 from megacontext.working_context import WorkingContext
 
 
@@ -14,7 +15,8 @@ def test_a_flat_snapshot_yields_near_zero_targets():
     kinds = ["expand"] * 20 + ["collapse"] * 10
     gains = rng.normal(0.0, 0.004, size=30)  # the per-window noise of corpus code
     t = absolute_targets(kinds, gains, scale=0.1, margin=0.01)
-    assert np.abs(t).max() < 0.1  # nothing crosses the allocator's thresholds (0.2)
+    assert np.abs(t[:20]).max() < 0.1  # no expand comes near the allocator's threshold (0.2)
+    assert (t[20:] <= 0).all() and t[20:].min() > -0.2  # collapses lean negative, none crosses -0.2
 
 
 def test_a_needle_snapshot_pays_the_needle_and_its_collapses():
@@ -27,10 +29,10 @@ def test_a_needle_snapshot_pays_the_needle_and_its_collapses():
     assert (t[3:] <= 0).all()
 
 
-def test_without_payment_a_collapse_is_worth_only_its_own_gain():
+def test_without_payment_a_harmless_collapse_leans_negative_and_a_harmful_one_is_zero():
     kinds = ["expand", "collapse", "collapse", "collapse"]
     t = absolute_targets(kinds, np.array([0.45, -0.003, -0.30, 0.08]), scale=0.1, margin=0.01)
-    assert t[0] > 0.99 and t[1] == 0 and t[2] == 0  # harmless or harmful: no reason to collapse
+    assert t[0] > 0.99 and -0.2 < t[1] < -0.05 and t[2] == 0  # harmless leans negative, harmful is 0
     assert t[3] < -0.5  # a collapse that itself helps
 
 
@@ -56,3 +58,34 @@ def test_candidates_cover_every_gist_and_lookahead_paths_apply():
     deep = apply_candidate(wc, paths[5])
     deep.check_invariants()
     assert deep.cost == wc.cost + 2 * 31 and deep.levels_array().tolist().count(0) == levels.tolist().count(0) + 32
+
+
+def test_listwise_wants_the_best_candidate_above_the_threshold_and_nothing_when_nothing_helps():
+    import torch
+
+    from megacontext.training.losses import listwise
+
+    flat = torch.zeros(20)
+    low, high = torch.full((20,), -0.3), torch.full((20,), 0.5)
+    assert listwise(low, flat, 0.2, 0.05) < listwise(high, flat, 0.2, 0.05)  # nothing helps: stay below tau
+    needle = torch.zeros(20)
+    needle[7] = 0.95
+    found = torch.full((20,), -0.3)
+    found[7] = 0.9
+    missed = torch.full((20,), -0.3)
+    missed[3] = 0.9
+    assert listwise(found, needle, 0.2, 0.05) < 0.05 < listwise(missed, needle, 0.2, 0.05)
+    assert listwise(torch.zeros(0), torch.zeros(0), 0.2, 0.05) == 0
+
+
+def test_exploration_opens_coarse_gists_so_deep_lod1_gists_come_into_view():
+    from megacontext.config import FocusConfig, TreeShape
+    from megacontext.focus.policies import FocusSettings, refocus_rounds
+    from megacontext.training.phases import explore_scores
+
+    settings = FocusSettings(FocusConfig(budget=256, tail_blocks=2), TreeShape(32, 2), 4, 3)
+    rng = np.random.default_rng(0)
+    wc = refocus_rounds(4096, settings, rng, lambda w: explore_scores(w, rng), 3)
+    wc.check_invariants()
+    levels = wc.levels_array()
+    assert (levels == 2).sum() < 3 and (levels == 1).sum() > 25  # the initial assembly has 3 LOD2, 25 LOD1

@@ -43,7 +43,11 @@ def test_window_uses_gists_once_history_exceeds_budget(smoke_cfg, smoke_base, sm
     assert (window.levels > 0).any()
     assert window.embeds.shape[0] == summary["cost"]
     s.wc.check_invariants()
-    assert len(s.telemetry) == 1500 // smoke_cfg.tree.block_size  # one refocus per block
+    assert len(s.telemetry) == 2  # one refocus per ingest call that completes a block
+    K = smoke_cfg.tree.block_size
+    for lo in range(0, 3 * K, K // 2):  # decoding-like ingest: one refocus per completed block
+        s.ingest(_history(smoke_data, 1500 + 3 * K)[1500 + lo : 1500 + lo + K // 2])
+    assert len(s.telemetry) == 2 + 3
 
 
 def test_cached_decoding_matches_fresh_forward(smoke_cfg, smoke_base, smoke_data):

@@ -215,6 +215,7 @@ def test_extend_collapses_oldest_first(K, L, tail_blocks, start, budget, chunks)
         wc.step += 1  # as if a refocus happened in between
         n = wc.num_tokens + chunk
         before = wc.to_dict()
+        expanded = {node for node, (kind, _) in wc.recent_actions().items() if kind == "expand"}
         # Oracle: the same window with an unlimited budget, collapsed one oldest group at a time.
         loose = WorkingContext.from_dict({**before, "budget": 10**9})
         loose.extend(n)
@@ -235,8 +236,8 @@ def test_extend_collapses_oldest_first(K, L, tail_blocks, start, budget, chunks)
             cost = a.cost_after
         assert loose.entries == wc.entries and loose.born == wc.born
         assert wc.cost <= budget and (not actions or wc.cost > budget - (K - 1))
-        for a in actions:
-            assert wc.last_action(a.node) == ("collapse", a.step)
+        for a in actions:  # undoing a recent expand starts a cooldown; folding new text does not
+            assert wc.last_action(a.node) == (("collapse", a.step) if a.node in expanded else None)
 
 
 def test_extend_appends_raw_tokens_and_validates():
@@ -347,3 +348,21 @@ def test_assemble_promotes_mixed_dtypes():
     out = assemble(wc, HalfTokens(2), "compact")
     assert out.embeds.dtype == torch.float32
     assert [(int(r[0]), int(r[1])) for r in out.embeds.detach()] == wc.entries
+
+
+def test_a_forced_collapse_that_undoes_an_expand_starts_a_cooldown():
+    wc = WorkingContext.initial(400, 4, 2, 40, 1, headroom=0)
+    gist = next(p for p, e in enumerate(wc.entries) if e[0] >= 1)
+    node = wc.entries[gist]
+    while wc.cost + 3 > wc.budget:  # make room, then expand the oldest gist
+        wc.collapse(int(wc.collapsible_positions()[-1]))
+    wc.step += 1
+    wc.expand(wc.position_of(node))
+    assert wc.last_action(node) == ("expand", wc.step)
+    grown = wc.num_tokens
+    while wc.position_of(node) is None:  # grow until the budget folds the expanded node back
+        grown += 4
+        forced = wc.extend(grown)
+        others = [a.node for a in forced if a.node != node]
+        assert all(wc.last_action(n) is None or wc.last_action(n)[0] == "expand" for n in others)
+    assert wc.last_action(node) == ("collapse", wc.step)

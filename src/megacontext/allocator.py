@@ -6,15 +6,20 @@ One :meth:`FocusAllocator.refocus` pass:
    legal sibling groups (outside the raw tail) whose MEAN score < ``-tau_collapse``.
    Nodes in cooldown are excluded (an action on parent node P at step s blocks the
    opposite action on P while ``step - s <= cooldown``). Forced collapses (budget
-   overflow in ``WorkingContext.extend``) ignore cooldown but start one: the allocator
-   will not re-expand their parents within ``cooldown`` refocuses.
+   overflow in ``WorkingContext.extend``) ignore cooldown; one that undoes a recent
+   expand starts one (the allocator will not re-expand that parent within ``cooldown``
+   refocuses), one that only folds newly arrived text does not.
 2. Greedy: expands by score descending, collapses by mean score ascending (ties: older
    first). Stochastic: among the ``top_k`` of each list, an order sampled without
    replacement with probabilities ``softmax(|score| / temperature)`` (Gumbel top-k).
 3. Up to ``n_diff`` actions, alternating expand / collapse, never growing the cost past
    ``budget - headroom``: an expand that does not fit first triggers pending collapses
-   (skipping groups that contain the node to expand); if it still does not fit it is
-   skipped. Every candidate is re-located by node identity before it is applied.
+   (skipping groups that contain the node to expand). With ``pay_for_expands``, when
+   those run out it is paid for by collapsing further legal groups, lowest mean score
+   first (ties: older first), as long as a group's mean is below the expand's score by
+   more than ``pay_margin`` (a strong expand displaces what matters least; a weak one
+   displaces nothing). If it still does not fit it is skipped. Every candidate
+   is re-located by node identity before it is applied.
 """
 
 from __future__ import annotations
@@ -83,8 +88,9 @@ class FocusAllocator:
         wc.next_step(self.cfg.cooldown)
         arr = wc.as_array()  # [W, 2] snapshot: candidates are nodes, re-located when applied
         expands = self._expand_candidates(wc, arr, s)
-        collapses = self._collapse_candidates(wc, arr, s)
-        return self._apply(wc, expands, _Queue(collapses))
+        collapses = self._collapse_candidates(wc, arr, s, threshold=-self.cfg.tau_collapse)
+        payments = self._collapse_candidates(wc, arr, s, threshold=None) if self.cfg.pay_for_expands else iter(())
+        return self._apply(wc, expands, _Queue(collapses), _Queue(payments))
 
     def refocus_passes(
         self,
@@ -125,13 +131,22 @@ class FocusAllocator:
         pos = self._order(pos, scores[pos], descending=True)
         return (((int(arr[p, 0]), int(arr[p, 1])), float(scores[p])) for p in pos)
 
-    def _collapse_candidates(self, wc: WorkingContext, arr: np.ndarray, scores: np.ndarray) -> Iterator[Candidate]:
+    def _collapse_candidates(
+        self, wc: WorkingContext, arr: np.ndarray, scores: np.ndarray, threshold: float | None
+    ) -> Iterator[Candidate]:
+        """Legal, non-blocked groups with mean score < ``threshold`` in allocator order;
+        ``threshold=None``: every such group, lowest mean first (the payments, always greedy)."""
         K = wc.block_size
         groups = collapsible_groups(arr, K, wc.levels, wc.tail_start)
         means = sliding_window_view(scores, K)[groups].mean(axis=1) if len(groups) else np.zeros(0)
-        ok = (means < -self.cfg.tau_collapse) & ~np.isin(groups, self._blocked_positions(wc, "collapse"))
+        ok = ~np.isin(groups, self._blocked_positions(wc, "collapse"))
+        if threshold is not None:
+            ok &= means < threshold
         groups, means = groups[ok], means[ok]
-        order = self._order(np.arange(len(groups)), means, descending=False)
+        if threshold is None:
+            order = np.argsort(means, kind="stable")
+        else:
+            order = self._order(np.arange(len(groups)), means, descending=False)
         return (((int(arr[groups[g], 0]) + 1, int(arr[groups[g], 1]) // K), float(means[g])) for g in order)
 
     def _order(self, items: np.ndarray, keys: np.ndarray, descending: bool) -> np.ndarray:
@@ -145,7 +160,9 @@ class FocusAllocator:
         return items[top[sampled]]
 
     # ------------------------------------------------------------------ apply
-    def _apply(self, wc: WorkingContext, expands: Iterator[Candidate], collapses: _Queue) -> list[Action]:
+    def _apply(
+        self, wc: WorkingContext, expands: Iterator[Candidate], collapses: _Queue, payments: _Queue
+    ) -> list[Action]:
         n_diff = self.cfg.n_diff
         actions: list[Action] = []
         expand_turn, expands_left, collapses_left = True, True, True
@@ -155,7 +172,7 @@ class FocusAllocator:
                 if cand is None:
                     expands_left = False
                 elif wc.position_of(cand[0]) is not None:
-                    expands_left = self._expand_with_room(wc, cand, collapses, actions)
+                    expands_left = self._expand_with_room(wc, cand, collapses, payments, actions)
                     expand_turn = False
             elif not expand_turn and collapses_left:
                 act = self._next_collapse(wc, collapses, keep=None)
@@ -169,9 +186,9 @@ class FocusAllocator:
         return actions
 
     def _expand_with_room(
-        self, wc: WorkingContext, cand: Candidate, collapses: _Queue, actions: list[Action]
+        self, wc: WorkingContext, cand: Candidate, collapses: _Queue, payments: _Queue, actions: list[Action]
     ) -> bool:
-        """Apply pending collapses until ``cand`` fits, then expand it.
+        """Apply pending collapses (then payments) until ``cand`` fits, then expand it.
 
         Returns whether a later expand may still fit (every expand costs K - 1: only
         collapses held back because they contain ``cand`` could still make room).
@@ -182,12 +199,47 @@ class FocusAllocator:
             if act is None:
                 break
             actions.append(act)
+        if wc.cost + grow > cap and self.cfg.pay_for_expands:
+            need = -(-(wc.cost + grow - cap) // grow)
+            actions += self._pay(wc, payments, cand, need, self.cfg.n_diff - 1 - len(actions))
         if wc.cost + grow > cap:
-            return len(actions) < self.cfg.n_diff - 1 and not collapses.exhausted
+            return len(actions) < self.cfg.n_diff - 1 and not (collapses.exhausted and payments.exhausted)
         pos = wc.position_of(cand[0])  # still there: no collapse above contains it
         assert pos is not None
         actions.append(wc.expand(pos, cand[1]))
         return True
+
+    def _pay(self, wc: WorkingContext, payments: _Queue, cand: Candidate, need: int, room: int) -> list[Action]:
+        """Collapse the ``need`` lowest-scored legal groups outside ``cand`` whose mean score
+        is below ``cand``'s by more than ``pay_margin`` — all of them or none
+        (a payment that does not buy the expand would be a collapse nobody asked for).
+        Legal groups of one snapshot are disjoint, so collapsing one keeps the others legal."""
+        below = cand[1] - self.cfg.pay_margin
+        popped: list[Candidate] = []
+        picked: list[Candidate] = []
+        while len(picked) < min(need, room):
+            item = payments.pop()
+            if item is None:
+                break
+            popped.append(item)
+            (level, index), score = item
+            if score >= below:
+                break  # ascending: no later group is low enough either
+            pos = wc.position_of((level - 1, index * wc.block_size))
+            if pos is None or not wc.can_collapse(pos):
+                popped.pop()  # gone for good
+            elif not _contains(wc, (level, index), cand[0]):
+                picked.append(item)
+        if len(picked) < need:
+            payments.push_front(popped)
+            return []
+        payments.push_front([item for item in popped if item not in picked])
+        out = []
+        for (level, index), score in picked:
+            pos = wc.position_of((level - 1, index * wc.block_size))
+            assert pos is not None
+            out.append(wc.collapse(pos, score))
+        return out
 
     def _next_collapse(self, wc: WorkingContext, collapses: _Queue, keep: Entry | None) -> Action | None:
         """Apply the best still-legal collapse whose parent does not contain ``keep``."""

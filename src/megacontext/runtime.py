@@ -101,9 +101,12 @@ class Session:
 
     # ----------------------------------------------------------------- ingest
     def ingest(self, ids: Sequence[int] | np.ndarray, progress: Callable[[int], None] | None = None) -> None:
-        """Append tokens; refocus each time a block completes (chunked at block borders)."""
+        """Append tokens (chunked at block borders); refocus once at the end if a block
+        completed. While decoding (one token per call) that is once per block; a long prompt
+        is refocused once, when it is all in — the windows in between are never read, and a
+        refocus without the prompt's question in view only spends the budget on guesses."""
         ids = np.asarray(ids, dtype=np.int64)
-        pos = 0
+        pos, completed = 0, False
         while pos < len(ids):
             room = self.block_size - (self.num_tokens % self.block_size)
             chunk = ids[pos : pos + room]
@@ -117,10 +120,11 @@ class Session:
                 if forced:
                     self.forced.extend(forced)
                     self._cache = _Cache()
-            if self.num_tokens % self.block_size == 0:
-                self.refocus()
+            completed |= self.num_tokens % self.block_size == 0
             if progress is not None:
                 progress(len(chunk))
+        if completed:
+            self.refocus()
 
     # ---------------------------------------------------------------- refocus
     def assemble(self) -> Assembled:

@@ -263,8 +263,11 @@ class WorkingContext:
             entries, born, tail_start_of(num_tokens, K, tail_blocks)
         )
         self.num_tokens = num_tokens
-        for a in actions:
-            self._last[a.node] = ("collapse", a.step)
+        for a in actions:  # undoing a recent expand starts a cooldown (no thrash); plain growth does not
+            if self._last.get(a.node, ("",))[0] == "expand":
+                self._last[a.node] = ("collapse", a.step)
+            else:
+                self._last.pop(a.node, None)
         return actions
 
     def _collapse_oldest(

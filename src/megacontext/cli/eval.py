@@ -33,6 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--windows", type=int, default=None, metavar="N", help="windows (default: eval.windows)")
     p.add_argument("--ablate", default=None, choices=("gistnet", "lensnet", "lora"),
                    help="swap one trained module for its untrained / absent version")
+    p.add_argument("--oracle-windows", type=int, default=None, metavar="N",
+                   help="windows of the oracle_focus ceiling: greedy counterfactual expands chosen on the first "
+                   "half of each horizon, every policy scored on the second half (default: eval.oracle_windows; 0: off)")
     p.add_argument("--passkey-only", action="store_true", help="run only the passkey benchmark (and timing)")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="output folder (default: the checkpoint's run folder; a subfolder of it for "
@@ -98,6 +101,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.windows < 1:
             raise MegaContextError(f"--windows must be at least 1, got {args.windows}")
         opts.windows = args.windows
+    if args.oracle_windows is not None:
+        if args.oracle_windows < 0:
+            raise MegaContextError(f"--oracle-windows must be >= 0, got {args.oracle_windows}")
+        opts.oracle_windows = args.oracle_windows
     opts.data = args.data
     if args.data is not None and args.split is None:
         opts.split = None  # a corpus of one's own: every document of it

@@ -144,6 +144,8 @@ class FocusConfig:
     tau_expand: float = 0.2
     tau_collapse: float = 0.2
     n_diff: int = 4  # most actions per refocus
+    pay_for_expands: bool = True  # an expand that does not fit may collapse low-scored groups to pay for it
+    pay_margin: float = 0.4  # ... when its score exceeds each such group's mean score by more than this
     cooldown: int = 2  # refocuses before a node may take the opposite action
     passes: int = 1  # allocator refinement passes per refocus (re-scoring between)
     stochastic: bool = False
@@ -202,6 +204,9 @@ class LensObjectiveConfig:
     """LensNet's loss (warm_lens, JT2): signed regression + these weighted terms."""
 
     rank_weight: float = 0.5  # pairwise ranking term
+    listwise_weight: float = 0.0  # softmax over a snapshot's expands + a "nothing helps" option at tau_expand
+    listwise_temperature: float = 0.05
+    positive_weight: float = 0.0  # regression weight of a candidate: 1 + positive_weight * max(0, target)
     budget_weight: float = 0.1  # expand/collapse cost balance term
     legality_weight: float = 0.1  # penalty on scores asking for impossible actions
 
@@ -218,6 +223,7 @@ class LabelConfig:
     margin: float = 0.01  # noise floor: gains below it count as nothing
     lookahead: bool = True  # level >= 2 gists are credited with their best child path
     pay_collapses: bool = False  # collapses labelled by what they pay for (the best expand), not only their harm
+    explore: float = 0.0  # share of snapshots taken after random-focus rounds instead of LensNet's
 
 
 @dataclass
@@ -291,6 +297,10 @@ class EvalConfig:
     passkey_depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
     passkey_trials: int = 8
     batch_size: int = 8  # windows per batched base forward (loss@H and passkey scoring)
+    multikey_facts: int = 4  # multi-key recall grid: facts per prompt (0: no multikey grid)
+    multikey_lengths: list[int] = field(default_factory=lambda: [4096])
+    multikey_trials: int = 8
+    oracle_windows: int = 16  # windows of the oracle_focus ceiling (0: none); it costs a counterfactual search each
 
 
 @dataclass

@@ -116,3 +116,64 @@ def make_passkey(
     key, needle, question, answer = _parts(rng, tokenizer, template)
     prompt, pos = _assemble(rng, filler_docs, total_tokens, depth, needle, question)
     return PasskeyExample(prompt, np.asarray(answer, dtype=np.int64), key, depth, pos)
+
+
+@dataclass(frozen=True)
+class FactTemplate:
+    """Multi-key recall: ``needle`` holds ``{name}`` and ``{key}``; the questions ``{name}``.
+    Every fact shares the wording, so only the name tells the asked one apart."""
+
+    needle: str
+    questions: tuple[str, ...]
+    answer: str
+    names: tuple[str, ...]
+
+
+EVAL_FACTS = FactTemplate(
+    "\n# {name} id: {key}\n",
+    ("\n# which is the {name} id? {name} id:", "\n# {name} id ="),
+    " {key}\n",
+    ("red", "green", "blue", "amber", "olive", "ivory", "coral", "slate", "mauve", "azure"),
+)
+
+
+def make_multikey(
+    rng: np.random.Generator,
+    tokenizer,
+    filler_docs: Sequence[np.ndarray],
+    total_tokens: int,
+    facts: int,
+    template: FactTemplate = EVAL_FACTS,
+    depth: float | None = None,
+) -> PasskeyExample:
+    """``facts`` named 5-digit keys at random depths of a ``total_tokens`` prompt; the question
+    asks one of them (planted at ``depth`` when given). ``needle_pos``/``depth``: the asked fact's."""
+    if not 1 <= facts <= len(template.names):
+        raise DataError(f"multikey needs 1..{len(template.names)} facts, got {facts}")
+    names = [template.names[i] for i in rng.choice(len(template.names), size=facts, replace=False)]
+    keys = [str(int(rng.integers(10_000, 100_000))) for _ in range(facts)]
+    asked = int(rng.integers(facts))
+    asked_fmt = PasskeyTemplate(template.needle, tuple(q.format(name=names[asked]) for q in template.questions),
+                                template.answer)
+    question, answer = question_and_answer(tokenizer, asked_fmt, keys[asked])
+    needles = [_encode(tokenizer, template.needle.format(name=n, key=k)) for n, k in zip(names, keys)]
+    n_filler = total_tokens - len(question) - sum(len(x) for x in needles)
+    if n_filler < 0:
+        raise DataError(f"a multikey prompt of {total_tokens} tokens cannot hold {facts} facts and the question")
+    filler = filler_tokens(rng, filler_docs, n_filler)
+    cuts = rng.integers(0, n_filler + 1, size=facts)
+    if depth is not None:
+        if not 0.0 <= depth <= 1.0:
+            raise DataError(f"multikey depth must be in [0, 1], got {depth}")
+        cuts[asked] = int(round(depth * n_filler))
+    order = np.argsort(cuts, kind="stable")
+    pieces, last, pos = [], 0, 0
+    for i in order:
+        pieces += [filler[last : cuts[i]]]
+        if i == asked:
+            pos = sum(len(p) for p in pieces)
+        pieces += [np.asarray(needles[i], dtype=np.int64)]
+        last = int(cuts[i])
+    prompt = np.concatenate([*pieces, filler[last:], np.asarray(question, dtype=np.int64)]).astype(np.int64)
+    return PasskeyExample(prompt, np.asarray(answer, dtype=np.int64), keys[asked],
+                          float(cuts[asked]) / max(1, n_filler), pos)

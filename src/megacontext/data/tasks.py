@@ -7,7 +7,7 @@
   points at every fact, only the name tells them apart.
 
 Templates and seeds are training's own (:data:`TRAIN_PASSKEY_TEMPLATES`, ``"task"`` seeds);
-evaluation uses :data:`~megacontext.data.passkey.EVAL_TEMPLATE` with its own seeds, so
+evaluation uses :data:`~megacontext.data.passkey.EVAL_TEMPLATE` / ``EVAL_FACTS`` with its own seeds, so
 evaluation is never memorised. Every window is a pure function of (seed, step, row).
 """
 
@@ -18,9 +18,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from megacontext.config import TaskConfig, derive_seed
-from megacontext.data.passkey import PasskeyTemplate, filler_tokens, make_passkey, question_and_answer
+from megacontext.data.passkey import FactTemplate, PasskeyTemplate, filler_tokens, make_multikey, make_passkey
 from megacontext.data.sampler import Window, WindowSampler
-from megacontext.errors import DataError
 
 TASKS = ("corpus", "passkey", "multikey")
 
@@ -29,8 +28,10 @@ TRAIN_PASSKEY_TEMPLATES = (
     PasskeyTemplate("\n# the magic number is {key}\n", ("\n# recall: the magic number is", "\n# magic number ="), " {key}\n"),
     PasskeyTemplate("\nSECRET = {key}  # keep it\n", ("\n# what is SECRET?\nSECRET =", "\n# SECRET:"), " {key}\n"),
 )
-FACT_NAMES = ("alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta", "lambda", "zeta")
-FACT = PasskeyTemplate("\n# {name} code: {key}\n", ("\n# what is the {name} code? {name} code:", "\n# {name} code ="), " {key}\n")
+TRAIN_FACTS = FactTemplate(
+    "\n# {name} code: {key}\n", ("\n# what is the {name} code? {name} code:", "\n# {name} code ="), " {key}\n",
+    ("alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta", "lambda", "zeta"),
+)
 
 
 def _horizon(rng: np.random.Generator, answer: np.ndarray, filler_docs: Sequence[np.ndarray], horizon: int) -> np.ndarray:
@@ -53,25 +54,8 @@ def multikey_window(
     rng: np.random.Generator, tokenizer, filler_docs: Sequence[np.ndarray], history: int, horizon: int, facts: int
 ) -> Window:
     """``facts`` named codes planted at random depths; the question asks one of them."""
-    names = rng.choice(len(FACT_NAMES), size=facts, replace=False)
-    keys = [str(int(rng.integers(10_000, 100_000))) for _ in range(facts)]
-    asked = int(rng.integers(facts))
-    name = FACT_NAMES[names[asked]]
-    fmt = PasskeyTemplate(FACT.needle, tuple(q.format(name=name, key="{key}") for q in FACT.questions), FACT.answer)
-    question, answer = question_and_answer(tokenizer, fmt, keys[asked])
-    needles = [list(tokenizer.encode(FACT.needle.format(name=FACT_NAMES[n], key=k), add_special_tokens=False))
-               for n, k in zip(names, keys)]
-    n_filler = history - len(question) - sum(len(x) for x in needles)
-    if n_filler < 0:
-        raise DataError(f"a multikey history of {history} tokens cannot hold {facts} facts and the question")
-    filler = filler_tokens(rng, filler_docs, n_filler)
-    cuts = np.sort(rng.integers(0, n_filler + 1, size=facts))
-    pieces, last = [], 0
-    for cut, needle in zip(cuts, needles):
-        pieces += [filler[last:cut], np.asarray(needle, dtype=np.int64)]
-        last = cut
-    prompt = np.concatenate([*pieces, filler[last:], np.asarray(question, dtype=np.int64)])
-    return Window(-1, history, prompt, _horizon(rng, np.asarray(answer, np.int64), filler_docs, horizon), "multikey")
+    ex = make_multikey(rng, tokenizer, filler_docs, history, facts, TRAIN_FACTS)
+    return Window(-1, history, ex.prompt, _horizon(rng, ex.answer, filler_docs, horizon), "multikey")
 
 
 class TaskMixture:

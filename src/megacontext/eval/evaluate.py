@@ -23,6 +23,7 @@ from megacontext.base_model import BaseModel
 from megacontext.config import Config, derive_seed
 from megacontext.data import SPLITS, PreparedDataset, Window, WindowSampler, prepare_dataset
 from megacontext.errors import DataError, MegaContextError
+from megacontext.eval.ceiling import ceiling_rows
 from megacontext.eval.passkey import passkey_grid
 from megacontext.eval.results import loss_rows, make_eval_json
 from megacontext.eval.timing import measure_timing
@@ -179,12 +180,13 @@ class EvalOptions:
     data: str | None = None  # a data source spec; None = the config's prepared dataset
     passkey: bool = True
     loss: bool = True  # False: passkey only
+    oracle_windows: int = 0  # the oracle_focus ceiling on the first N loss windows
     policies: tuple[str, ...] = POLICIES
 
     @classmethod
     def from_config(cls, cfg: Config) -> EvalOptions:
         e = cfg.eval
-        return cls(list(e.budgets), e.windows, e.cursor, e.split)
+        return cls(list(e.budgets), e.windows, e.cursor, e.split, oracle_windows=e.oracle_windows)
 
 
 @dataclass
@@ -227,9 +229,19 @@ def evaluate(
     if opts.loss:
         windows = select_windows(data.docs, history, H, opts.cursor, opts.windows, cfg.seed)
         stats = loss_at_h(modules, settings, windows, budgets, opts.policies, cfg.eval.batch_size, cfg.seed, progress)
+    ceiling = []
+    if opts.loss and opts.oracle_windows > 0:
+        if progress:
+            say(f"oracle_focus ceiling on {min(opts.oracle_windows, len(windows))} windows")
+        ceiling = ceiling_rows(modules, settings, windows[: opts.oracle_windows], budgets, cfg.seed,
+                               cfg.eval.batch_size)
     passkey = []
     if opts.passkey:
         passkey = passkey_grid(modules, settings, cfg.eval, data.filler, budgets, opts.policies, cfg.seed, progress)
+    multikey = []
+    if opts.passkey and cfg.eval.multikey_facts > 0:
+        multikey = passkey_grid(modules, settings, cfg.eval, data.filler, budgets, opts.policies, cfg.seed, progress,
+                                task="multikey")
     timing = measure_timing(modules, settings.at_budget(max(budgets)), max(data.docs, key=len), cfg.seed)
     header = {
         "horizon": H,
@@ -241,4 +253,4 @@ def evaluate(
         "cursor": opts.cursor,
     }
     results = loss_rows({k: v.losses for k, v in stats.items()}, {k: v.swap_rates for k, v in stats.items()})
-    return EvalRun(make_eval_json(header, results, passkey, timing), stats, windows)
+    return EvalRun(make_eval_json(header, results, passkey, timing, ceiling, multikey), stats, windows)

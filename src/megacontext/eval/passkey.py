@@ -1,16 +1,17 @@
 """Passkey retrieval (spec §6): exact-match accuracy over history length x depth, per policy.
 
 Examples come from :func:`megacontext.data.make_passkey`, seeded per (length, depth,
-trial). A policy is correct when greedy decoding of ``len(answer)`` tokens reproduces the
+trial); the multi-key grid (``task="multikey"``) from :func:`megacontext.data.make_multikey`
+(``eval.multikey_facts`` facts that share their wording, the asked one at the depth). A policy is correct when greedy decoding of ``len(answer)`` tokens reproduces the
 answer exactly. With the window held fixed over those few tokens, that is the same as
 "the argmax at every teacher-forced answer slot is the answer token" (greedy stays on the
 answer as long as it is right), so one batched forward scores every policy of an example.
 
 The ``megacontext`` policy runs like the runtime: a :class:`~megacontext.runtime.Session`
-over a RAM tree ingests the prompt and refocuses after every completed block (LensNet +
-allocator); once the whole prompt — question included — is in, it refocuses
-``train.focus_rounds`` more times, so that LensNet sees the question in the raw tail
-through its conditioning and the allocator can expand the gists holding the key.
+over a RAM tree ingests the prompt (forced collapses keep it in budget; one refocus once
+it is all in) and refocuses ``train.focus_rounds`` more times, so that LensNet sees the
+question in the raw tail through its conditioning and the allocator can expand the gists
+holding the key.
 The other gist policies build their window over the whole prompt at once.
 """
 
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 
 from megacontext.base_model import BaseModel
 from megacontext.config import EvalConfig, derive_seed
-from megacontext.data import PasskeyExample, make_passkey
+from megacontext.data import PasskeyExample, make_multikey, make_passkey
 from megacontext.focus.horizon import PrefixLike, horizon_logits
 from megacontext.focus.policies import RAW_POLICIES, FocusSettings, PolicyRequest, policy_window, reading
 from megacontext.focus.source import build_source
@@ -38,16 +39,25 @@ from megacontext.working_context import Assembled
 Case = tuple[int, float, int]  # (history tokens, depth, trial)
 
 
+TASKS = ("passkey", "multikey")
+
+
 def passkey_examples(
-    ecfg: EvalConfig, tokenizer, filler: Sequence[np.ndarray], seed: int
+    ecfg: EvalConfig, tokenizer, filler: Sequence[np.ndarray], seed: int, task: str = "passkey"
 ) -> list[tuple[Case, PasskeyExample]]:
-    """The grid passkey_lengths x passkey_depths x passkey_trials, deterministic in ``seed``."""
+    """The grid lengths x passkey_depths x trials of ``task``, deterministic in ``seed``
+    (passkey: passkey_lengths x passkey_trials; multikey: multikey_lengths x multikey_trials)."""
+    multi = task == "multikey"
+    lengths, trials = (ecfg.multikey_lengths, ecfg.multikey_trials) if multi else (ecfg.passkey_lengths,
+                                                                                   ecfg.passkey_trials)
     out = []
-    for length in ecfg.passkey_lengths:
+    for length in lengths:
         for depth in ecfg.passkey_depths:
-            for trial in range(ecfg.passkey_trials):
-                rng = np.random.default_rng(derive_seed(seed, "passkey", length, depth, trial))
-                out.append(((length, depth, trial), make_passkey(rng, tokenizer, filler, length, depth)))
+            for trial in range(trials):
+                rng = np.random.default_rng(derive_seed(seed, task, length, depth, trial))
+                ex = (make_multikey(rng, tokenizer, filler, length, ecfg.multikey_facts, depth=depth) if multi
+                      else make_passkey(rng, tokenizer, filler, length, depth))
+                out.append(((length, depth, trial), ex))
     return out
 
 
@@ -92,19 +102,20 @@ def passkey_grid(
     policies: Sequence[str],
     seed: int,
     progress: bool = False,
+    task: str = "passkey",
 ) -> list[dict]:
-    """eval.json passkey rows: {budget, history_tokens, depth, policy, accuracy, n}."""
-    examples = passkey_examples(ecfg, mods.base.tokenizer, filler, seed)
+    """eval.json passkey (or multikey) rows: {budget, history_tokens, depth, policy, accuracy, n}."""
+    examples = passkey_examples(ecfg, mods.base.tokenizer, filler, seed, task)
     hits: dict[tuple[int, int, float, str], list[bool]] = defaultdict(list)
     needs_source = any(p not in RAW_POLICIES and p != "megacontext" for p in policies)
-    for (length, depth, trial), ex in tqdm(examples, desc="passkey", unit="ex", disable=not progress):
+    for (length, depth, trial), ex in tqdm(examples, desc=task, unit="ex", disable=not progress):
         source = (
             build_source(mods.base, mods.gistnet, ex.prompt, settings.shape) if needs_source else None
         )
         keys, prefixes = [], []
         for policy in policies:
             for budget in budgets[:1] if policy == "reference" else budgets:
-                rng = np.random.default_rng(derive_seed(seed, "passkey-policy", policy, budget, length, depth, trial))
+                rng = np.random.default_rng(derive_seed(seed, f"{task}-policy", policy, budget, length, depth, trial))
                 keys.append((policy, budget))
                 prefixes.append(_prefix(policy, mods, settings.at_budget(budget), ex, source, rng, seed))
         ok = _score(mods, keys, prefixes, ex.answer, ecfg.batch_size)

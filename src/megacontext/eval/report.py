@@ -4,7 +4,7 @@ Sections (each one independent: a missing input is named in the report, never fa
 
 - evaluation table, gap closed, acceptance check, timing      <- RUN_DIR/eval.json
 - loss@H vs budget per policy                                 <- RUN_DIR/eval.json
-- passkey accuracy heatmaps (history length x depth) per policy <- RUN_DIR/eval.json
+- passkey and multi-key recall heatmaps (history length x depth) per policy <- RUN_DIR/eval.json
 - training curves per phase and cycle                         <- RUN_DIR/telemetry.jsonl
 - swap rate and residency over training                       <- RUN_DIR/validation.jsonl
 - level-of-detail map of a session (refocus x history position, coloured by level)
@@ -186,9 +186,10 @@ def plot_loss_vs_budget(data: dict, path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def plot_passkey(data: dict, path: Path) -> Path | None:
-    """Heatmaps of accuracy (history length x depth): one row per budget, one column per policy."""
-    rows = data.get("passkey", [])
+def plot_passkey(data: dict, path: Path, key: str = "passkey") -> Path | None:
+    """Heatmaps of accuracy (history length x depth): one row per budget, one column per policy
+    (``key``: "passkey" or "multikey")."""
+    rows = data.get(key, [])
     if not rows:
         return None
     budgets = sorted({r["budget"] for r in rows})
@@ -333,6 +334,8 @@ def write_report(run_dir: Path, inputs: ReportInputs, levels: int) -> Path:
            "no loss@H results in eval.json")
     figure("Passkey accuracy", plot_passkey(ev, plots / "passkey.png") if ev else None,
            "no passkey results in eval.json")
+    figure("Multi-key recall accuracy", plot_passkey(ev, plots / "multikey.png", "multikey") if ev else None,
+           "no multikey results in eval.json")
     figure("Training curves", plot_training_curves(inputs.telemetry, plots / "training_curves.png")
            if inputs.telemetry else None, "no telemetry.jsonl")
     figure("Swap rate and residency over training",

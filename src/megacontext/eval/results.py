@@ -5,7 +5,9 @@ eval.json (exactly these keys)::
     {"horizon", "block_size", "base", "checkpoint", "data", "split", "cursor",
      "results":  [{"budget", "policy", "loss_at_h", "delta_nll_vs_reference", "n_windows"}],
      "gap_closed": {"<budget>": share},
+     "ceiling":  [{"budget", "policy", "loss_second_half", "delta_vs_uniform_gists", "se", "n_windows"}],
      "passkey":  [{"budget", "history_tokens", "depth", "policy", "accuracy", "n"}],
+     "multikey": [the same keys as passkey: multi-key recall, the asked fact at the depth],
      "timing":   {"base_forward_ms", "refocus_ms", "gist_ms_per_block"}}
 
 ``gap_closed[W] = (recency - megacontext) / (recency - reference)`` in loss@H; null when
@@ -25,7 +27,7 @@ from typing import Any
 import numpy as np
 
 EVAL_KEYS = ("horizon", "block_size", "base", "checkpoint", "data", "split", "cursor",
-             "results", "gap_closed", "passkey", "timing")
+             "results", "gap_closed", "ceiling", "passkey", "multikey", "timing")
 RESULT_KEYS = ("budget", "policy", "loss_at_h", "delta_nll_vs_reference", "n_windows", "swap_rate")
 PASSKEY_KEYS = ("budget", "history_tokens", "depth", "policy", "accuracy", "n")
 TIMING_KEYS = ("base_forward_ms", "refocus_ms", "gist_ms_per_block")
@@ -81,13 +83,18 @@ def gap_closed(rows: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
 
 
 def make_eval_json(
-    header: Mapping[str, Any], results: list[dict], passkey: list[dict], timing: Mapping[str, Any]
+    header: Mapping[str, Any], results: list[dict], passkey: list[dict], timing: Mapping[str, Any],
+    ceiling: list[dict] | None = None,
+    multikey: list[dict] | None = None,
 ) -> dict:
-    """Assemble eval.json from its header fields and the three measured parts."""
+    """Assemble eval.json from its header fields and the measured parts (``ceiling``: the
+    oracle_focus rows of :mod:`megacontext.eval.ceiling`, empty when not measured)."""
     out = {k: header[k] for k in EVAL_KEYS[:7]}
     out["results"] = results
     out["gap_closed"] = gap_closed(results)
+    out["ceiling"] = [{k: _finite(v) if isinstance(v, float) else v for k, v in r.items()} for r in ceiling or []]
     out["passkey"] = passkey
+    out["multikey"] = multikey or []
     out["timing"] = {k: _finite(timing.get(k)) for k in TIMING_KEYS}
     return out
 
@@ -140,8 +147,11 @@ def format_table(data: Mapping[str, Any], se: Mapping[tuple[int, str], float | N
         note = " (reference is not better than recency here: no gap to close)" if no_gap else ""
         shown = "n/a" if share is None else f"{100 * share:.1f}%"
         lines.append(f"gap closed at W={budget}: {shown}{note}")
+    lines += _ceiling_table(data.get("ceiling") or [])
     if data["passkey"]:
         lines += _passkey_table(data["passkey"])
+    if data.get("multikey"):
+        lines += _passkey_table(data["multikey"], "multi-key recall")
     t = data["timing"]
     ratio = (t["refocus_ms"] / t["base_forward_ms"]) if t["refocus_ms"] and t["base_forward_ms"] else None
     lines.append(
@@ -151,7 +161,20 @@ def format_table(data: Mapping[str, Any], se: Mapping[tuple[int, str], float | N
     return "\n".join(lines)
 
 
-def _passkey_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+def _ceiling_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The oracle_focus ceiling rows (scored on the second half of each horizon)."""
+    if not rows:
+        return []
+    out = ["ceiling: oracle_focus picks its expands on the first half of each horizon; every row here is "
+           "scored on the second half (a ceiling, never a policy)",
+           f"{'budget':>7} {'policy':<16} {'loss 2nd half':>13} {'Δ vs uniform_gists':>19} {'± s.e.':>7} {'windows':>7}"]
+    for r in rows:
+        out.append(f"{r['budget']:>7} {r['policy']:<16} {_fmt(r['loss_second_half']):>13} "
+                   f"{_fmt(r['delta_vs_uniform_gists'], '+.4f'):>19} {_fmt(r['se']):>7} {r['n_windows']:>7}")
+    return out
+
+
+def _passkey_table(rows: Sequence[Mapping[str, Any]], title: str = "passkey") -> list[str]:
     """Passkey accuracy: one line per (budget, history, depth), one column per policy."""
     policies = list(dict.fromkeys(r["policy"] for r in rows))
     cells: dict[tuple, dict[str, float]] = {}
@@ -160,7 +183,7 @@ def _passkey_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
         cells.setdefault((r["budget"], r["history_tokens"], r["depth"]), {})[r["policy"]] = r["accuracy"]
         trials.add(r["n"])
     width = max(8, *(len(p) for p in policies))
-    out = [f"passkey exact match ({'/'.join(map(str, sorted(trials)))} trials per cell)",
+    out = [f"{title} exact match ({'/'.join(map(str, sorted(trials)))} trials per cell)",
            f"{'budget':>7} {'history':>8} {'depth':>6} " + " ".join(f"{p:>{width}}" for p in policies)]
     for (budget, history, depth), acc in cells.items():
         out.append(f"{budget:>7} {history:>8} {depth:>6.2f} "

@@ -92,7 +92,9 @@ def trace_session(mods: Modules, settings: FocusSettings, tokens: np.ndarray, se
         trace.refocus_ms.append(t.ms_assemble + t.ms_lensnet + t.ms_allocator)
 
     session.on_block = record
-    session.ingest(np.asarray(tokens, dtype=np.int64))
+    ids = np.asarray(tokens, dtype=np.int64)
+    for lo in range(0, len(ids), settings.shape.block_size):  # block by block: one refocus each, as in decoding
+        session.ingest(ids[lo : lo + settings.shape.block_size])
     trace.gist_ms, trace.blocks = 1e3 * gister.gist_s, gister.blocks
     return trace
 

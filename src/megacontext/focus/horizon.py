@@ -78,8 +78,11 @@ def horizon_logits(base: BaseModel, prefixes: PrefixLike | Sequence[PrefixLike],
     return logits[:, -H:]
 
 
-def horizon_nll(base: BaseModel, prefixes: PrefixLike | Sequence[PrefixLike], horizons: Any) -> torch.Tensor:
-    """Mean NLL per row ``[B]`` of the horizon tokens (nats/token)."""
+def horizon_nll(
+    base: BaseModel, prefixes: PrefixLike | Sequence[PrefixLike], horizons: Any, start: int = 0
+) -> torch.Tensor:
+    """Mean NLL per row ``[B]`` of the horizon tokens ``[start:]`` (nats/token); the tokens
+    before ``start`` are read as context (teacher-forced) but not scored."""
     prefixes = _as_list(prefixes)
     target = _horizon_ids(horizons, len(prefixes), base.device)
-    return nll(horizon_logits(base, prefixes, target), target)
+    return nll(horizon_logits(base, prefixes, target)[:, start:], target[:, start:])

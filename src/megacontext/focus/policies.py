@@ -253,11 +253,13 @@ def policy_nll(
     rngs: Sequence[np.random.Generator],
     traces: Sequence[FocusTrace | None] | None = None,
     plain: bool | None = None,
+    start: int = 0,
 ) -> tuple[list[float], list[PolicyWindow]]:
     """loss@H of ``windows`` under ``policy``: one batched forward; per-window NLL + windows.
 
     ``plain`` overrides who reads (None: :func:`reading`'s choice; False: the adapted base
-    even for a raw policy — how much of a gain is the adapter alone).
+    even for a raw policy — how much of a gain is the adapter alone). ``start``: score the
+    horizon tokens from there on (the earlier ones are read, not scored).
     """
     traces = traces if traces is not None else [None] * len(windows)
     ctx = reading(modules, policy) if plain is None else modules.plain() if plain else nullcontext()
@@ -267,5 +269,5 @@ def policy_nll(
             for w, src, rng, trace in zip(windows, sources, rngs, traces)
         ]
         horizons = np.stack([w.horizon for w in windows])
-        nll = horizon_nll(modules.base, [pw.prefix for pw in pws], horizons)
+        nll = horizon_nll(modules.base, [pw.prefix for pw in pws], horizons, start)
     return nll.float().cpu().tolist(), pws

@@ -14,8 +14,11 @@ For one snapshot (a working context over a window's history):
 4. targets on an ABSOLUTE scale (``s = labels.scale`` nats, noise floor ``m = labels.margin``):
    an expand gets ``tanh(soft(g, m) / s)`` (``soft`` shrinks |g| by m): a gain of 0.002
    stays near 0 and "nothing here helps" is a snapshot of near-zero targets. Each of a
-   collapse's K entries gets ``-tanh(max(0, soft(g, m)) / s)``: negative only when the
-   collapse itself helps. With ``labels.pay_collapses`` a collapse is worth what it pays
+   collapse's K entries gets ``-tanh(max(0, g + m) / s)``: a harmless collapse leans
+   negative (about ``-tanh(m / s)``, well above ``-tau_collapse``: nothing is collapsed on
+   its own), a harmful one gets 0, one that helps more — so when the allocator collapses
+   groups to pay for a strong expand, it takes the harmless ones first. With
+   ``labels.pay_collapses`` a collapse is worth what it pays
    for, the best expand ``G = max(0, max g_expand)``: ``-tanh(max(0, G - m - harm) / s)``
    with ``harm = -g_collapse`` — strongly negative when a needle waits elsewhere, but on
    corpus windows the max of many noisy expand gains makes it collapse raw text (measured:
@@ -43,82 +46,10 @@ import torch
 from megacontext.base_model import BaseModel
 from megacontext.config import LabelConfig
 from megacontext.errors import MegaContextError
-from megacontext.focus.horizon import horizon_nll
+from megacontext.focus.counterfactual import measure, path_gains, sample_candidates
 from megacontext.focus.lens import LensInput, lens_input
 from megacontext.focus.source import HistorySource
 from megacontext.working_context import WorkingContext, assemble
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One counterfactual action: ``expand`` the gist at ``pos`` (then, with ``child`` >= 0,
-    its ``child``-th child as well: a lookahead path) or ``collapse`` K entries from ``pos``."""
-
-    kind: str
-    pos: int
-    child: int = -1
-
-
-def sample_candidates(wc: WorkingContext, rng: np.random.Generator, limit: int, lookahead: bool) -> list[Candidate]:
-    """Every gist entry as an expand (+ its lookahead paths) and up to ``limit`` collapses."""
-    levels = wc.levels_array()
-    expands = np.flatnonzero(levels >= 1)
-    collapses = wc.collapsible_positions()
-    n_c = min(len(collapses), limit)
-    pick_c = np.sort(rng.choice(collapses, n_c, replace=False)) if n_c else []
-    out = [Candidate("expand", int(p)) for p in expands]
-    if lookahead:
-        K = wc.block_size
-        out += [Candidate("expand", int(p), j) for p in expands if levels[p] >= 2 for j in range(K)]
-    return out + [Candidate("collapse", int(p)) for p in pick_c]
-
-
-def apply_candidate(wc: WorkingContext, cand: Candidate) -> WorkingContext:
-    """A copy of ``wc`` with the action applied (budget raised so the expands fit)."""
-    out = wc.copy()
-    if cand.kind == "expand":
-        out.budget = max(out.budget, out.cost + 2 * (out.block_size - 1))
-        out.expand(cand.pos)
-        if cand.child >= 0:
-            out.expand(cand.pos + cand.child)
-    else:
-        out.collapse(cand.pos)
-    return out
-
-
-@torch.no_grad()
-def measure(
-    base: BaseModel,
-    source: HistorySource,
-    wc: WorkingContext,
-    candidates: Sequence[Candidate],
-    horizon: np.ndarray,
-    position_mode: str,
-    chunk: int,
-) -> tuple[float, np.ndarray]:
-    """(NLL@H of the snapshot, NLL@H after each candidate [N]) in batched forwards."""
-    out = []
-    todo = [wc] + [apply_candidate(wc, c) for c in candidates]
-    for i in range(0, len(todo), chunk):
-        part = [assemble(w, source, position_mode) for w in todo[i : i + chunk]]
-        out.append(horizon_nll(base, part, np.stack([horizon] * len(part))).double().cpu())
-    nll = torch.cat(out).numpy()
-    return float(nll[0]), nll[1:]
-
-
-def path_gains(candidates: Sequence[Candidate], gains: np.ndarray) -> tuple[list[Candidate], np.ndarray]:
-    """Fold lookahead paths into their parent: the parent's gain is the better of its own and
-    its best path's ADVANTAGE over its median path (the max of K noisy paths is biased up;
-    a parent over nothing in particular must not look like one over a needle)."""
-    paths: dict[int, list[float]] = {}
-    for c, g in zip(candidates, gains):
-        if c.kind == "expand" and c.child >= 0:
-            paths.setdefault(c.pos, []).append(float(g))
-    lookahead = {pos: max(v) - float(np.median(v)) for pos, v in paths.items()}
-    keep = [i for i, c in enumerate(candidates) if c.child < 0]
-    out = np.asarray([max(float(gains[i]), lookahead.get(candidates[i].pos, -np.inf))
-                      if candidates[i].kind == "expand" else float(gains[i]) for i in keep])
-    return [candidates[i] for i in keep], out
 
 
 def absolute_targets(
@@ -128,7 +59,7 @@ def absolute_targets(
 
     kinds [N] ("expand" | "collapse"), gains [N] = NLL(snapshot) - NLL(after) -> float32 [N].
     ``pay_collapses``: a collapse's worth is what it pays for; else only its own gain (a
-    collapse that does no harm is then worth nothing, and nothing is collapsed on a hunch).
+    collapse that does no harm leans slightly negative, one that harms gets 0).
     """
     if len(gains) == 0:
         return np.zeros(0, dtype=np.float32)
@@ -144,7 +75,7 @@ def absolute_targets(
         best = max(0.0, float(g.max())) if exp.any() else 0.0
         out[~exp] = -np.tanh(np.maximum(best - margin + gains[~exp], 0.0) / scale)
     else:
-        out[~exp] = -np.tanh(np.maximum(soft(gains[~exp]), 0.0) / scale)
+        out[~exp] = -np.tanh(np.maximum(gains[~exp] + margin, 0.0) / scale)
     return out.astype(np.float32)
 
 
@@ -312,6 +243,7 @@ class LensExample:
     collapsible: torch.Tensor  # bool [W]: members of a legal sibling group
     groups: list[torch.Tensor]  # entry positions of each candidate
     candidate_targets: torch.Tensor  # float [N]
+    candidate_expand: torch.Tensor  # bool [N]: expand (else collapse) candidates
     weights: torch.Tensor  # float [W]: 1 / entries of the entry's candidate (each candidate counts once)
 
 
@@ -333,9 +265,11 @@ def lens_example(
         collapsible[g : g + K] = True
     groups: dict[int, list[int]] = {}
     cand_t: dict[int, float] = {}
-    for c, p, t in zip(rows.candidate, rows.position, rows.target):
+    cand_e: dict[int, bool] = {}
+    for c, p, t, a in zip(rows.candidate, rows.position, rows.target, rows.action):
         groups.setdefault(c, []).append(p)
         cand_t[c] = t
+        cand_e[c] = a == "expand"
     order = sorted(groups)
     weights = torch.zeros(W)
     for c in order:
@@ -348,5 +282,6 @@ def lens_example(
         collapsible=collapsible,
         groups=[torch.as_tensor(groups[c], dtype=torch.long) for c in order],
         candidate_targets=torch.as_tensor([cand_t[c] for c in order], dtype=torch.float32),
+        candidate_expand=torch.as_tensor([cand_e[c] for c in order], dtype=torch.bool),
         weights=weights,
     )

@@ -77,6 +77,25 @@ def pairwise_ranking(
     return F.softplus(-sharpness * ds[pairs]).mean()
 
 
+def listwise(
+    candidate_scores: torch.Tensor, candidate_targets: torch.Tensor, null: float, temperature: float
+) -> torch.Tensor:
+    """Cross-entropy between two softmaxes over one snapshot's expand candidates plus a
+    "nothing here helps" option fixed at ``null`` (the allocator's ``tau_expand``).
+
+    candidate_scores, candidate_targets: [N]. The target distribution is
+    ``softmax([targets; null] / temperature)``, the predicted one the same over the scores:
+    the best candidate must stand out above the threshold, and a snapshot where nothing
+    helps puts its mass on the null option (every score below ``null``).
+    """
+    if candidate_scores.numel() == 0:
+        return candidate_scores.sum() * 0
+    pad = candidate_scores.new_full((1,), null)
+    p = F.softmax(torch.cat([candidate_targets.to(pad.dtype), pad]) / temperature, dim=0)
+    logq = F.log_softmax(torch.cat([candidate_scores, pad]) / temperature, dim=0)
+    return -(p * logq).sum()
+
+
 def budget_regulariser(
     scores: torch.Tensor,
     expandable: torch.Tensor,

@@ -34,7 +34,7 @@ from megacontext.config import PHASE_NAMES, Config, PhaseConfig
 from megacontext.data import Window
 from megacontext.focus.horizon import horizon_logits, raw_prefix
 from megacontext.focus.lens import lens_scores
-from megacontext.focus.policies import FocusSettings, focus_window, reference_context
+from megacontext.focus.policies import FocusSettings, focus_window, reference_context, refocus_rounds
 from megacontext.focus.source import HistorySource, build_source
 from megacontext.gistnet import gists_for_history
 from megacontext.modules import Modules
@@ -160,6 +160,12 @@ def jt3_step(m: Modules, cfg: Config, windows: Sequence[Window], rng: np.random.
 
 
 # ------------------------------------------------------------------------ LensNet: labels and step
+def explore_scores(wc: WorkingContext, rng: np.random.Generator) -> np.ndarray:
+    """Exploration scores [W]: uniform in [-1, 1], plus 1 on gists of level >= 2 — coarse
+    gists get opened (paid for by random collapses), so deep LOD1 gists come into view."""
+    return rng.uniform(-1.0, 1.0, wc.cost) + (wc.levels_array() >= 2)
+
+
 @torch.no_grad()
 def label_step(
     m: Modules,
@@ -174,14 +180,21 @@ def label_step(
     """Counterfactual labels for one LensNet step: one snapshot per window.
 
     On-policy snapshots take 1..focus_rounds refocuses with the current LensNet; the warm
-    start uses the initial assembly (uniform gists, no LensNet).
+    start uses the initial assembly (uniform gists, no LensNet). A share ``labels.explore``
+    of snapshots (both) takes 1..focus_rounds refocuses on :func:`explore_scores` instead, so
+    that LensNet also learns on windows it would not reach yet (e.g. a needle's LOD1 gist in
+    view after its LOD2 parent was expanded).
     """
     settings, labels = FocusSettings.from_config(cfg, greedy=False), cfg.train.labels
     snapshots, rows = [], []
     for i, w in enumerate(windows):
         source = build_source(m.base, m.gistnet, w.history, cfg.tree.shape)
-        rounds = int(rng.integers(1, settings.rounds + 1)) if on_policy and settings.rounds > 0 else 0
-        wc = focus_window(source, m.lensnet, settings, rng, rounds)
+        explore = labels.explore > 0 and rng.random() < labels.explore
+        rounds = int(rng.integers(1, settings.rounds + 1)) if (on_policy or explore) and settings.rounds > 0 else 0
+        if explore:
+            wc = refocus_rounds(source.num_tokens, settings, rng, lambda w: explore_scores(w, rng), rounds)
+        else:
+            wc = focus_window(source, m.lensnet, settings, rng, rounds)
         nll0, r = label_snapshot(m.base, source, wc, w.horizon, rng, labels, cfg.focus.position_mode)
         snapshots.append(Snapshot(cycle, step, i, w.doc_index, w.cursor, w.history, w.horizon, wc, nll0, gist_version))
         rows.append(r)
@@ -202,15 +215,20 @@ def lens_step(m: Modules, cfg: Config, examples: Sequence[LensExample]) -> StepO
     """LensNet on labelled snapshots: regression + ranking + budget + legality (mean over snapshots)."""
     t, f, K = cfg.train.lens, cfg.focus, cfg.tree.block_size
     scores = lens_scores(m.lensnet, [e.inputs for e in examples])
-    parts: dict[str, list[torch.Tensor]] = {"regression": [], "ranking": [], "budget": [], "legality": []}
+    parts: dict[str, list[torch.Tensor]] = {"regression": [], "ranking": [], "listwise": [], "budget": [],
+                                            "legality": []}
     agree, labelled = 0.0, 0
     for s, e in zip(scores, examples):
         dev = s.device
         tgt, lab = e.targets.to(dev), e.labelled.to(dev)
         exp, col = e.expandable.to(dev), e.collapsible.to(dev)
         cand = torch.stack([s[g.to(dev)].mean() for g in e.groups]) if e.groups else s[:0]
-        parts["regression"].append(losses.signed_regression(s, tgt, lab, e.weights.to(dev)))
+        weights = e.weights.to(dev) * (1 + t.positive_weight * tgt.clamp_min(0))  # rare needles count
+        parts["regression"].append(losses.signed_regression(s, tgt, lab, weights))
         parts["ranking"].append(losses.pairwise_ranking(cand, e.candidate_targets.to(dev)))
+        exp_c = e.candidate_expand.to(dev)
+        parts["listwise"].append(losses.listwise(cand[exp_c], e.candidate_targets.to(dev)[exp_c], f.tau_expand,
+                                                 t.listwise_temperature))
         parts["budget"].append(losses.budget_regulariser(s, exp, col, K, f.budget, f.tau_expand, f.tau_collapse))
         parts["legality"].append(losses.legality(s, exp, col))
         agree += float(((s[lab] > 0) == (tgt[lab] > 0)).float().sum())
@@ -219,6 +237,7 @@ def lens_step(m: Modules, cfg: Config, examples: Sequence[LensExample]) -> StepO
     loss = (
         mean["regression"]
         + t.rank_weight * mean["ranking"]
+        + t.listwise_weight * mean["listwise"]
         + t.budget_weight * mean["budget"]
         + t.legality_weight * mean["legality"]
     )
