@@ -8,7 +8,7 @@ accuracy of every gist policy on the evaluation template (``eval.passkey_*`` set
 overridable), before and after, with the per-cell trial counts.
 
 Usage:  uv run python benchmarks/bench_focus_passkey.py [--config default] [--checkpoint RUN_DIR|none]
-        [--steps 60] [--set train.tasks.passkey=0.5 --set train.labels.pay_collapses=true ...]
+        [--steps 60] [--set train.tasks.passkey=0.6 --set train.lens.listwise_weight=1 ...]
         [--lengths 4096] [--trials 8]
 With ``--checkpoint none`` GistNet is untrained (its initialisation is scale-matched mean
 pooling) and LensNet learns from scratch: the question is then only whether LensNet finds

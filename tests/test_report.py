@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -26,6 +27,14 @@ EVAL = {
     "passkey": [
         {"budget": 128, "history_tokens": n, "depth": d, "policy": p, "accuracy": a, "n": 2}
         for n in (512, 1024) for d in (0.1, 0.9) for p, a in (("recency", 0.0), ("megacontext", 1.0))
+    ],
+    "multikey": [
+        {"budget": 128, "history_tokens": 1024, "depth": d, "policy": p, "accuracy": a, "n": 2}
+        for d in (0.1, 0.9) for p, a in (("similarity_focus", 0.0), ("megacontext", 0.5))
+    ],
+    "ceiling": [
+        {"budget": 128, "policy": p, "loss_second_half": v, "delta_vs_uniform_gists": v - 2.6, "se": 0.01,
+         "n_windows": 4} for p, v in (("oracle_focus", 2.4), ("uniform_gists", 2.6))
     ],
     "timing": {"base_forward_ms": 10.0, "refocus_ms": 1.0, "gist_ms_per_block": 0.2},
 }
@@ -75,13 +84,14 @@ def test_lod_matrix_marks_levels_and_the_future():
 def test_report_writes_markdown_and_plots(tmp_path, trace):
     run = tmp_path / "run"
     _write_run(run)
-    inputs = ReportInputs.from_run(run, trace)
+    inputs = ReportInputs.from_run(run, trace, passkey_trace=dataclasses.replace(trace, marker=300))
     assert len(inputs.telemetry) == 25  # the torn line is skipped
     path = write_report(run, inputs, levels=2)
     text = path.read_text()
     pngs = {p.name: p for p in (run / "report").glob("*.png")}
-    assert set(pngs) == {"loss_vs_budget.png", "passkey.png", "training_curves.png", "focus_training.png",
-                         "lod_map.png"}
+    assert set(pngs) == {"loss_vs_budget.png", "passkey.png", "multikey.png", "training_curves.png",
+                         "focus_training.png", "lod_map.png", "lod_map_passkey.png"}
+    assert "oracle_focus" in text and "second half" in text  # the ceiling table, apart from the policies
     assert all(p.stat().st_size > 1000 for p in pngs.values())
     for name in pngs:
         assert f"report/{name}" in text

@@ -135,7 +135,8 @@ def make_report(cfg, run_dir: Path) -> Path:
     from megacontext.eval.report import ReportInputs, session_trace_for_run, write_report
 
     trace, problem = session_trace_for_run(cfg, run_dir)
-    return write_report(run_dir, ReportInputs.from_run(run_dir, trace, problem), cfg.tree.levels)
+    passkey, _ = session_trace_for_run(cfg, run_dir, passkey=True)
+    return write_report(run_dir, ReportInputs.from_run(run_dir, trace, problem, passkey), cfg.tree.levels)
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -206,6 +206,7 @@ class LensObjectiveConfig:
     rank_weight: float = 0.5  # pairwise ranking term
     listwise_weight: float = 0.0  # softmax over a snapshot's expands + a "nothing helps" option at tau_expand
     listwise_temperature: float = 0.05
+    listwise_null_target: float = 0.2  # target of the "nothing helps" option (its score is tau_expand)
     positive_weight: float = 0.0  # regression weight of a candidate: 1 + positive_weight * max(0, target)
     budget_weight: float = 0.1  # expand/collapse cost balance term
     legality_weight: float = 0.1  # penalty on scores asking for impossible actions

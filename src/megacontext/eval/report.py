@@ -64,11 +64,15 @@ class ReportInputs:
     telemetry: list[dict] | None = None
     validation: list[dict] | None = None
     trace: SessionTrace | None = None
+    passkey_trace: SessionTrace | None = None  # a passkey session (trace.marker = the needle)
     missing: list[str] = field(default_factory=list)
 
     @classmethod
-    def from_run(cls, run_dir: Path, trace: SessionTrace | None = None, trace_problem: str = "") -> ReportInputs:
-        out = cls(trace=trace)
+    def from_run(
+        cls, run_dir: Path, trace: SessionTrace | None = None, trace_problem: str = "",
+        passkey_trace: SessionTrace | None = None,
+    ) -> ReportInputs:
+        out = cls(trace=trace, passkey_trace=passkey_trace)
         out.eval = _load_json(run_dir / "eval.json")
         if out.eval is None:
             out.missing.append(f"{run_dir / 'eval.json'} (run `megacontext eval --out {run_dir}`)")
@@ -84,13 +88,18 @@ class ReportInputs:
         return out
 
 
-def session_trace_for_run(cfg: Config, run_dir: Path, tokens: int | None = None) -> tuple[SessionTrace | None, str]:
+def session_trace_for_run(
+    cfg: Config, run_dir: Path, tokens: int | None = None, passkey: bool = False
+) -> tuple[SessionTrace | None, str]:
     """A session over the longest test document with the run's trained modules.
 
     ``tokens`` (default 16x focus.budget) caps the history; when the longest document is
-    shorter, the next longest ones are appended. Returns (trace, "") or (None, why not).
+    shorter, the next longest ones are appended. ``passkey``: instead, an evaluation passkey
+    prompt of that length (needle at depth 0.3) ingested at once and refocused
+    ``train.focus_rounds`` more times, as the passkey grid runs it; ``trace.marker`` is the
+    needle. Returns (trace, "") or (None, why not).
     """
-    from megacontext.data import prepare_dataset
+    from megacontext.data import make_passkey, prepare_dataset
     from megacontext.eval.timing import trace_session
     from megacontext.focus.policies import FocusSettings
     from megacontext.modules import Modules
@@ -104,6 +113,11 @@ def session_trace_for_run(cfg: Config, run_dir: Path, tokens: int | None = None)
         return None, "the test split has no documents"
     settings = FocusSettings.from_config(cfg, greedy=True)
     n = tokens or 16 * cfg.focus.budget
+    if passkey:
+        ex = make_passkey(np.random.default_rng(cfg.seed), mods.base.tokenizer, docs, n, 0.3)
+        trace = trace_session(mods, settings, ex.prompt, cfg.seed, chunk=len(ex.prompt), final_rounds=settings.rounds)
+        trace.marker = ex.needle_pos
+        return trace, ""
     pieces, have = [], 0
     for doc in sorted(docs, key=len, reverse=True):
         if have >= n:
@@ -248,7 +262,12 @@ def plot_lod_map(trace: SessionTrace, levels: int, path: Path) -> Path | None:
                    extent=(0, len(trace.entries), 0, total), interpolation="nearest")
     cbar = fig.colorbar(im, ax=ax, ticks=range(levels + 1))
     cbar.set_label("level (0 = raw tokens)")
-    ax.set_xlabel("refocus (one per block ingested)")
+    if trace.marker is not None:
+        ax.axhline(trace.marker, color="red", linestyle="--", linewidth=1, label="passkey needle")
+        ax.legend(loc="upper left", fontsize=7)
+        ax.set_xlabel("refocus (the prompt ingested at once, then the final rounds)")
+    else:
+        ax.set_xlabel("refocus (one per block ingested)")
     ax.set_ylabel("history position (tokens)")
     ax.set_title(f"working-context level of detail, W={trace.budget}")
     return _save(fig, path)
@@ -344,6 +363,9 @@ def write_report(run_dir: Path, inputs: ReportInputs, levels: int) -> Path:
     figure("Level of detail over a session",
            plot_lod_map(inputs.trace, levels, plots / "lod_map.png") if inputs.trace else None,
            "no session trace")
+    figure("Level of detail over a passkey session (needle at depth 0.3)",
+           plot_lod_map(inputs.passkey_trace, levels, plots / "lod_map_passkey.png") if inputs.passkey_trace else None,
+           "no passkey session trace")
     if inputs.missing:
         lines.extend(["## Missing inputs", ""] + [f"- {m}" for m in inputs.missing] + [""])
     path = run_dir / "report.md"

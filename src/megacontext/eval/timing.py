@@ -65,6 +65,7 @@ class SessionTrace:
     refocus_ms: list[float] = field(default_factory=list)
     gist_ms: float = 0.0
     blocks: int = 0
+    marker: int | None = None  # a history position to mark on the map (a passkey's needle)
 
     @property
     def gist_ms_per_block(self) -> float:
@@ -79,8 +80,13 @@ def _entries(session: Session) -> np.ndarray:
 
 
 @torch.no_grad()
-def trace_session(mods: Modules, settings: FocusSettings, tokens: np.ndarray, seed: int) -> SessionTrace:
-    """Ingest ``tokens`` int64 [T] block by block in a fresh RAM session at ``settings.budget``."""
+def trace_session(
+    mods: Modules, settings: FocusSettings, tokens: np.ndarray, seed: int, chunk: int | None = None,
+    final_rounds: int = 0,
+) -> SessionTrace:
+    """Ingest ``tokens`` int64 [T] in a fresh RAM session at ``settings.budget``, ``chunk``
+    tokens per ingest call (default: one block, as in decoding; ``len(tokens)``: the whole
+    prompt at once, as the passkey evaluation does), then refocus ``final_rounds`` times."""
     gister = TimedGister(mods.gister(), mods.base.device)
     tree = MegaContextTree.create_ram(settings.shape.block_size, settings.shape.levels, mods.base.dim, gister)
     trace = SessionTrace(settings.budget)
@@ -93,8 +99,11 @@ def trace_session(mods: Modules, settings: FocusSettings, tokens: np.ndarray, se
 
     session.on_block = record
     ids = np.asarray(tokens, dtype=np.int64)
-    for lo in range(0, len(ids), settings.shape.block_size):  # block by block: one refocus each, as in decoding
-        session.ingest(ids[lo : lo + settings.shape.block_size])
+    step = chunk or settings.shape.block_size
+    for lo in range(0, len(ids), step):
+        session.ingest(ids[lo : lo + step])
+    for _ in range(final_rounds):
+        session.refocus()
     trace.gist_ms, trace.blocks = 1e3 * gister.gist_s, gister.blocks
     return trace
 

@@ -78,20 +78,24 @@ def pairwise_ranking(
 
 
 def listwise(
-    candidate_scores: torch.Tensor, candidate_targets: torch.Tensor, null: float, temperature: float
+    candidate_scores: torch.Tensor, candidate_targets: torch.Tensor, null: float, temperature: float,
+    null_target: float | None = None,
 ) -> torch.Tensor:
     """Cross-entropy between two softmaxes over one snapshot's expand candidates plus a
-    "nothing here helps" option fixed at ``null`` (the allocator's ``tau_expand``).
+    "nothing here helps" option scored ``null`` (the allocator's ``tau_expand``).
 
     candidate_scores, candidate_targets: [N]. The target distribution is
-    ``softmax([targets; null] / temperature)``, the predicted one the same over the scores:
-    the best candidate must stand out above the threshold, and a snapshot where nothing
-    helps puts its mass on the null option (every score below ``null``).
+    ``softmax([targets; null_target] / temperature)`` (``null_target`` defaults to ``null``;
+    higher: only a candidate whose target clearly beats it takes the mass), the predicted
+    one ``softmax([scores; null] / temperature)``: the best candidate must stand out above
+    the threshold, and a snapshot where nothing helps puts its mass on the null option
+    (every score below ``null``).
     """
     if candidate_scores.numel() == 0:
         return candidate_scores.sum() * 0
     pad = candidate_scores.new_full((1,), null)
-    p = F.softmax(torch.cat([candidate_targets.to(pad.dtype), pad]) / temperature, dim=0)
+    goal = candidate_scores.new_full((1,), null if null_target is None else null_target)
+    p = F.softmax(torch.cat([candidate_targets.to(pad.dtype), goal]) / temperature, dim=0)
     logq = F.log_softmax(torch.cat([candidate_scores, pad]) / temperature, dim=0)
     return -(p * logq).sum()
 

@@ -5,11 +5,12 @@ phase          trains     loss
 =============  =========  ====================================================================
 ``warm_gist``  GistNet    random complete blocks (sometimes whole LOD2 groups) of the reference
                           context replaced by their gists: KL(reference || replaced) over H
-``warm_lens``  LensNet    counterfactual labels on uniform-gist snapshots (initial assembly)
+``warm_lens``  LensNet    counterfactual labels on uniform-gist snapshots (initial assembly;
+                          ``labels.explore`` of them after exploring refocuses)
 ``jt1``        GistNet    on-policy window (frozen LensNet + allocator): KL(reference || window)
                           or ΔNLL@H, through the frozen base into the gists the window uses
-``jt2``        LensNet    labels regenerated on-policy: signed regression + ranking + budget +
-                          legality
+``jt2``        LensNet    labels regenerated on-policy: signed regression (needles weighted up)
+                          + ranking + listwise + budget + legality
 ``jt3``        LoRA       NLL@H on the discrete window + keep-alive KL to the adapter-free
                           reference
 =============  =========  ====================================================================
@@ -212,7 +213,9 @@ def lens_examples(m: Modules, cfg: Config, snapshots: Sequence[Snapshot], rows: 
 
 
 def lens_step(m: Modules, cfg: Config, examples: Sequence[LensExample]) -> StepOutput:
-    """LensNet on labelled snapshots: regression + ranking + budget + legality (mean over snapshots)."""
+    """LensNet on labelled snapshots: regression (weighted ``1 + lens.positive_weight * max(0, t)``)
+    + ranking + listwise (a snapshot's expands + "nothing helps" at ``tau_expand``) + budget +
+    legality, mean over snapshots."""
     t, f, K = cfg.train.lens, cfg.focus, cfg.tree.block_size
     scores = lens_scores(m.lensnet, [e.inputs for e in examples])
     parts: dict[str, list[torch.Tensor]] = {"regression": [], "ranking": [], "listwise": [], "budget": [],
@@ -228,7 +231,7 @@ def lens_step(m: Modules, cfg: Config, examples: Sequence[LensExample]) -> StepO
         parts["ranking"].append(losses.pairwise_ranking(cand, e.candidate_targets.to(dev)))
         exp_c = e.candidate_expand.to(dev)
         parts["listwise"].append(losses.listwise(cand[exp_c], e.candidate_targets.to(dev)[exp_c], f.tau_expand,
-                                                 t.listwise_temperature))
+                                                 t.listwise_temperature, t.listwise_null_target))
         parts["budget"].append(losses.budget_regulariser(s, exp, col, K, f.budget, f.tau_expand, f.tau_collapse))
         parts["legality"].append(losses.legality(s, exp, col))
         agree += float(((s[lab] > 0) == (tgt[lab] > 0)).float().sum())
