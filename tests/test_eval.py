@@ -76,6 +76,16 @@ def test_eval_json_has_exactly_the_schema(eval_run, smoke_cfg):
     assert set(data["gap_closed"]) == {str(b) for b in BUDGETS}
     assert data["horizon"] == smoke_cfg.train.horizon and data["block_size"] == smoke_cfg.tree.block_size
     assert data["split"] == "test" and data["cursor"] == smoke_cfg.eval.cursor
+    assert all(tuple(r) == PASSKEY_KEYS for r in data["multikey"]) and data["multikey"]
+    from megacontext.eval.ceiling import CEILING_KEYS, COMPARED
+
+    assert all(tuple(r) == CEILING_KEYS for r in data["ceiling"])
+    for b in BUDGETS:  # the ceiling beside the policies, on the eval.oracle_windows first windows
+        rows = {r["policy"]: r for r in data["ceiling"] if r["budget"] == b}
+        assert set(rows) == {"oracle_focus", *COMPARED}
+        assert all(r["n_windows"] == smoke_cfg.eval.oracle_windows for r in rows.values())
+        assert rows["uniform_gists"]["delta_vs_uniform_gists"] == 0
+    assert "oracle_focus" not in {r["policy"] for r in data["results"] + data["passkey"] + data["multikey"]}
 
 
 def test_every_policy_evaluated_on_the_same_windows(eval_run, smoke_cfg):

@@ -16,10 +16,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Compare context policies at the same budget W on held-out long documents: "
         "reference (full history at LOD0, as far as the base's context allows), recency (newest W "
         "tokens), sinks (first eval.sinks tokens + newest), uniform_gists (tail raw, the rest gists, "
-        "no LensNet), random_focus (the allocator on random scores) and megacontext (LensNet + "
+        "no LensNet), random_focus (the allocator on random scores), similarity_focus (the allocator "
+        "on each entry's similarity to the newest block, training-free) and megacontext (LensNet + "
         "allocator). Reports loss@H, ΔNLL vs reference, the share of the recency->reference gap "
-        "closed, passkey exact-match accuracy (history length x depth) and timing. Writes "
-        "DIR/eval.json and prints a table.",
+        "closed, the oracle_focus ceiling (a search that peeks at the horizon; never a policy), "
+        "passkey and multi-key recall exact-match accuracy (history length x depth) and timing. "
+        "Writes DIR/eval.json and prints a table.",
     )
     add_common(p)
     add_checkpoint(p)
@@ -36,7 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--oracle-windows", type=int, default=None, metavar="N",
                    help="windows of the oracle_focus ceiling: greedy counterfactual expands chosen on the first "
                    "half of each horizon, every policy scored on the second half (default: eval.oracle_windows; 0: off)")
-    p.add_argument("--passkey-only", action="store_true", help="run only the passkey benchmark (and timing)")
+    p.add_argument("--passkey-only", action="store_true",
+                   help="run only the passkey and multi-key grids (and timing)")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="output folder (default: the checkpoint's run folder; a subfolder of it for "
                    "--ablate/--data/--passkey-only; $MEGACONTEXT_ARTIFACT_ROOT/eval/untrained without one)")
