@@ -88,8 +88,9 @@ class FocusAllocator:
         wc.next_step(self.cfg.cooldown)
         arr = wc.as_array()  # [W, 2] snapshot: candidates are nodes, re-located when applied
         expands = self._expand_candidates(wc, arr, s)
-        collapses = self._collapse_candidates(wc, arr, s, threshold=-self.cfg.tau_collapse)
-        payments = self._collapse_candidates(wc, arr, s, threshold=None) if self.cfg.pay_for_expands else iter(())
+        groups, means = self._legal_groups(wc, arr, s)
+        collapses = self._collapse_candidates(wc, arr, groups, means, threshold=-self.cfg.tau_collapse)
+        payments = self._collapse_candidates(wc, arr, groups, means, None) if self.cfg.pay_for_expands else iter(())
         return self._apply(wc, expands, _Queue(collapses), _Queue(payments))
 
     def refocus_passes(
@@ -131,18 +132,23 @@ class FocusAllocator:
         pos = self._order(pos, scores[pos], descending=True)
         return (((int(arr[p, 0]), int(arr[p, 1])), float(scores[p])) for p in pos)
 
-    def _collapse_candidates(
-        self, wc: WorkingContext, arr: np.ndarray, scores: np.ndarray, threshold: float | None
-    ) -> Iterator[Candidate]:
-        """Legal, non-blocked groups with mean score < ``threshold`` in allocator order;
-        ``threshold=None``: every such group, lowest mean first (the payments, always greedy)."""
+    def _legal_groups(self, wc: WorkingContext, arr: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(start positions [G], mean scores [G]) of the legal sibling groups not in cooldown."""
         K = wc.block_size
         groups = collapsible_groups(arr, K, wc.levels, wc.tail_start)
         means = sliding_window_view(scores, K)[groups].mean(axis=1) if len(groups) else np.zeros(0)
         ok = ~np.isin(groups, self._blocked_positions(wc, "collapse"))
+        return groups[ok], means[ok]
+
+    def _collapse_candidates(
+        self, wc: WorkingContext, arr: np.ndarray, groups: np.ndarray, means: np.ndarray, threshold: float | None
+    ) -> Iterator[Candidate]:
+        """The groups with mean score < ``threshold`` in allocator order; ``threshold=None``:
+        every group, lowest mean first (the payments, always greedy)."""
+        K = wc.block_size
         if threshold is not None:
-            ok &= means < threshold
-        groups, means = groups[ok], means[ok]
+            ok = means < threshold
+            groups, means = groups[ok], means[ok]
         if threshold is None:
             order = np.argsort(means, kind="stable")
         else:
