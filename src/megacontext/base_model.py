@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from megacontext.config import Config
-from megacontext.errors import MegaContextError
+from megacontext.errors import ConfigError, MegaContextError
 
 EMBEDDED_RECIPE_VERSION = 1  # bump when pretrain_base changes what it produces
 COMPLETE_MARKER = "pretrain_summary.json"  # written last into an embedded base directory
@@ -48,14 +48,31 @@ def embedded_base_dir(cfg: Config) -> Path:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """"auto" -> cuda if available, else mps, else cpu."""
+    """"auto" -> cuda if available, else mps, else cpu; a named device must exist here (ConfigError)."""
     if str(device) != "auto":
-        return torch.device(device)
+        return _check_device(torch.device(device))
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def _check_device(dev: torch.device) -> torch.device:
+    fix = "use --set base.device=auto (the best device here) or base.device=cpu"
+    if dev.type == "cuda":
+        if not torch.backends.cuda.is_built():
+            raise ConfigError(f"base.device is {str(dev)!r} but this PyTorch build has no CUDA support: {fix}", key="base.device")
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise ConfigError(f"base.device is {str(dev)!r} but no CUDA device is visible (no driver, or "
+                              f"CUDA_VISIBLE_DEVICES hides them): {fix}", key="base.device")
+        if dev.index is not None and dev.index >= count:
+            raise ConfigError(f"base.device is {str(dev)!r} but only {count} CUDA device(s) are visible: {fix}",
+                              key="base.device")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        raise ConfigError(f"base.device is 'mps' but this machine has no usable Apple MPS device: {fix}", key="base.device")
+    return dev
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:

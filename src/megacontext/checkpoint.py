@@ -36,7 +36,7 @@ from safetensors.torch import load_file
 
 from megacontext.config import PHASE_NAMES, Config
 from megacontext.durable import fsync_dir
-from megacontext.errors import MegaContextError
+from megacontext.errors import MegaContextError, MegaContextWarning
 from megacontext.weights import load_module, save_module
 
 LATEST = "latest"
@@ -48,7 +48,7 @@ class CheckpointError(MegaContextError):
     """A checkpoint is missing, partial or corrupted."""
 
 
-class CheckpointWarning(UserWarning):
+class CheckpointWarning(MegaContextWarning):
     """A damaged checkpoint was skipped in favour of an older valid one."""
 
 
@@ -140,25 +140,24 @@ def save_checkpoint(
     config_text: str,
     optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write checkpoint ``root/name`` atomically and point ``root/latest`` at it."""
+    """Write checkpoint ``root/name`` atomically and point ``root/latest`` at it.
+
+    A failed write (a full disk) removes the partial folder; one left by a killed run
+    (``.tmp-<name>-<pid>``) is removed when the same checkpoint is written again.
+    """
     root.mkdir(parents=True, exist_ok=True)
     final = root / name
+    for prefix in (f".tmp-{name}-", f".stale-{name}-"):
+        for leftover in root.glob(f"{prefix}*"):
+            if leftover.name[len(prefix) :].isdigit():
+                shutil.rmtree(leftover)
     tmp = root / f".tmp-{name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     tmp.mkdir()
-    save_module(gistnet, tmp / "gistnet.safetensors")
-    save_module(lensnet, tmp / "lensnet.safetensors")
-    if lora is not None:
-        lora.save_pretrained(str(tmp / "lora"), safe_serialization=True)
-    if optimizer_state is not None:
-        torch.save(optimizer_state, tmp / "optimizer.pt")
-    torch.save(rng_state(), tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps(state, indent=1, sort_keys=True))
-    (tmp / "config.yaml").write_text(config_text)
-    sums = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-    (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1, sort_keys=True))
-    _fsync_tree(tmp)
+    try:
+        _write_files(tmp, gistnet, lensnet, lora, state, config_text, optimizer_state)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():  # left by a run that was killed after writing it; replace
         stale = root / f".stale-{name}-{os.getpid()}"
         os.rename(final, stale)
@@ -173,6 +172,30 @@ def save_checkpoint(
     os.replace(pointer, root / LATEST)
     fsync_dir(root)
     return final
+
+
+def _write_files(
+    folder: Path,
+    gistnet: torch.nn.Module,
+    lensnet: torch.nn.Module,
+    lora: Any | None,
+    state: dict[str, Any],
+    config_text: str,
+    optimizer_state: dict[str, Any] | None,
+) -> None:
+    """Every file of a checkpoint into ``folder``, checksums.json last, all fsynced."""
+    save_module(gistnet, folder / "gistnet.safetensors")
+    save_module(lensnet, folder / "lensnet.safetensors")
+    if lora is not None:
+        lora.save_pretrained(str(folder / "lora"), safe_serialization=True)
+    if optimizer_state is not None:
+        torch.save(optimizer_state, folder / "optimizer.pt")
+    torch.save(rng_state(), folder / "rng.pt")
+    (folder / "state.json").write_text(json.dumps(state, indent=1, sort_keys=True))
+    (folder / "config.yaml").write_text(config_text)
+    sums = {str(p.relative_to(folder)): _sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+    (folder / CHECKSUMS).write_text(json.dumps(sums, indent=1, sort_keys=True))
+    _fsync_tree(folder)
 
 
 # --------------------------------------------------------------------------- load
@@ -217,10 +240,11 @@ def open_checkpoint(path: Path) -> Checkpoint:
 
 
 def _latest_name(root: Path) -> str | None:
+    """The checkpoint ``root/latest`` names (None when it is missing or damaged: not a name)."""
     f = root / LATEST
     if not f.is_file():
         return None
-    name = f.read_text().strip()
+    name = f.read_bytes().decode("ascii", "replace").strip()
     return name if order_key(name) is not None else None
 
 
@@ -236,7 +260,7 @@ def resolve_resume(checkpoints_root: Path, spec: str) -> Checkpoint:
         all_ckpts = list_checkpoints(root)
         if name is None:
             if not all_ckpts:
-                raise CheckpointError(f"no checkpoint to resume from in {root}")
+                raise CheckpointError(f"no checkpoint in {root}")
             candidate = all_ckpts[-1]
         else:
             candidate = root / name
@@ -265,12 +289,13 @@ def find_checkpoint(cfg: Config, which: str | None) -> Path | None:
     """
     if which in (None, "none"):
         return None
+    advice = "pass --checkpoint with another run or checkpoint folder, or --checkpoint none for untrained modules"
     if which in ("latest", "auto"):
         runs = cfg.artifact_root / "runs"
         run_dirs = sorted((p for p in runs.iterdir() if (p / "checkpoints").is_dir()), key=lambda p: p.name) if runs.is_dir() else []
         if not run_dirs:
             if which == "latest":
-                raise CheckpointError(f"no training run under {runs}")
+                raise CheckpointError(f"no training run under {runs}: train one (`megacontext train`), or {advice}")
             return None
         root = run_dirs[-1] / "checkpoints"
     else:
@@ -278,13 +303,14 @@ def find_checkpoint(cfg: Config, which: str | None) -> Path | None:
         if order_key(p.name) is not None:
             return open_checkpoint(p).path
         if not (p / "checkpoints").is_dir():
-            raise CheckpointError(f"{which} is neither a checkpoint nor a run folder")
+            raise CheckpointError(f"{which} is neither a checkpoint nor a run folder: {advice}")
         root = p / "checkpoints"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("always", CheckpointWarning)
             return resolve_resume(root, LATEST).path
-    except CheckpointError:
-        if which == "auto":  # nothing usable: untrained modules (the warnings said why)
+    except CheckpointError as e:
+        if which == "auto":  # nothing usable: untrained modules
+            warnings.warn(f"{e}: using untrained modules", CheckpointWarning, stacklevel=2)
             return None
-        raise
+        raise CheckpointError(f"{e}: {advice}") from None

@@ -22,3 +22,7 @@ class DataError(MegaContextError):
 
 class TreeError(MegaContextError):
     """A MegaContext tree cannot be opened or does not match the model."""
+
+
+class MegaContextWarning(UserWarning):
+    """Something the user should know that does not stop the command (the CLI prints one line)."""

@@ -7,15 +7,19 @@ working context over it, and the frozen modules that read it. Per block of ``K``
     the base on the working context (KV cache inside the block; rebuilt after a refocus)
 
 and every block leaves a telemetry record (latency split, swap rate, budget use).
-A disk session is saved beside its tree (``session.json``) and reopens with its whole
-history and focus state.
+A disk session is saved beside its tree (``session.json``, with a checksum) and reopens
+with its whole history and focus state; a damaged ``session.json`` is reported
+(:class:`SessionWarning`) and the session starts over from a fresh initial window over
+the intact history.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,17 +28,47 @@ import numpy as np
 import torch
 
 from megacontext.allocator import FocusAllocator
+from megacontext.base_model import BaseModel
 from megacontext.config import Config, FocusConfig
 from megacontext.data.tokenizer import tokenizer_hash
-from megacontext.errors import MegaContextError
+from megacontext.durable import checksum_ok, replace_file, with_checksum
+from megacontext.errors import MegaContextError, MegaContextWarning, TreeError
 from megacontext.focus.policies import refocus
 from megacontext.focus.source import TreeSource
 from megacontext.focus.trace import FocusTrace
 from megacontext.modules import Modules
 from megacontext.tree import MegaContextTree
+from megacontext.tree_storage import METADATA_FILE
 from megacontext.working_context import Action, Assembled, WorkingContext, assemble
 
 SESSION_FILE = "session.json"
+
+
+class SessionWarning(MegaContextWarning):
+    """A saved session state was damaged and is not used (the history itself is intact)."""
+
+
+def vocab_size(base: BaseModel) -> int:
+    """Token ids the base can embed: rows of its input embedding."""
+    return int(base.model.get_input_embeddings().weight.shape[0])
+
+
+def check_budget(budget: int, base: BaseModel) -> None:
+    """MegaContextError when a working context of ``budget`` entries would not fit the base's context."""
+    if budget > base.max_context:
+        raise MegaContextError(
+            f"a budget of {budget} is more than the base's context length ({base.max_context} tokens, "
+            f"base.max_context): its window would hold positions the base never saw; use a budget of "
+            f"at most {base.max_context}"
+        )
+
+
+def check_sampling(max_new_tokens: int, temperature: float) -> None:
+    """MegaContextError unless max_new_tokens >= 0 and temperature is a finite number >= 0."""
+    if max_new_tokens < 0:
+        raise MegaContextError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise MegaContextError(f"--temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
 
 
 @dataclass
@@ -83,6 +117,7 @@ class Session:
 
     def __post_init__(self) -> None:
         self.base = self.modules.base
+        self.vocab_size = vocab_size(self.base)
         self.block_size = self.tree.block_size
         self.levels = self.tree.levels
         self.source = TreeSource(self.tree, self.base)
@@ -104,8 +139,15 @@ class Session:
         """Append tokens (chunked at block borders); refocus once at the end if a block
         completed. While decoding (one token per call) that is once per block; a long prompt
         is refocused once, when it is all in — the windows in between are never read, and a
-        refocus without the prompt's question in view only spends the budget on guesses."""
+        refocus without the prompt's question in view only spends the budget on guesses.
+        Ids outside the base's vocabulary raise MegaContextError before anything is appended."""
         ids = np.asarray(ids, dtype=np.int64)
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
+            bad = int(np.flatnonzero((ids < 0) | (ids >= self.vocab_size))[0])
+            raise MegaContextError(
+                f"token id {int(ids[bad])} at position {bad} of the input is outside the base's vocabulary "
+                f"[0, {self.vocab_size}); nothing was appended"
+            )
         pos, completed = 0, False
         while pos < len(ids):
             room = self.block_size - (self.num_tokens % self.block_size)
@@ -202,6 +244,7 @@ class Session:
         stop_ids: Iterable[int] = (),
     ) -> list[int]:
         """Ingest the prompt, then decode greedily (temperature 0) or by sampling."""
+        check_sampling(max_new_tokens, temperature)
         self.ingest(prompt_ids)
         stop = set(stop_ids)
         gen = torch.Generator().manual_seed(self.seed)
@@ -239,7 +282,10 @@ class Session:
 
     # ------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike | None = None) -> None:
-        """Write the focus state next to a disk tree (the tree itself is already durable)."""
+        """Write the focus state next to a disk tree (the tree itself is already durable).
+
+        Atomic and checksummed: a crash leaves the previous ``session.json``.
+        """
         folder = Path(path) if path is not None else self.tree.path
         if folder is None:
             raise MegaContextError("a RAM session has no folder: pass a path to save()")
@@ -248,41 +294,51 @@ class Session:
             "wc": self.wc.to_dict() if self.wc is not None else None,
             "refocuses": len(self.telemetry),
         }
-        tmp = Path(folder) / (SESSION_FILE + ".tmp")
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, Path(folder) / SESSION_FILE)
+        replace_file(Path(folder) / SESSION_FILE, json.dumps(with_checksum(state)))
 
     def restore_focus(self) -> None:
-        """Reload a saved working context when it matches the tree and budget."""
+        """Reload a saved working context when it matches the tree and budget.
+
+        A state saved before the history's last tokens (a ``generate`` killed after it
+        appended some, before it saved) is extended over them, as ingesting them would have.
+        A damaged file (unreadable, failing its checksum, or inconsistent) is reported with
+        a :class:`SessionWarning` and left for the next :meth:`save` to replace; the session
+        keeps its fresh initial window over the history.
+        """
         folder = self.tree.path
         f = Path(folder) / SESSION_FILE if folder is not None else None
         if f is None or not f.exists():
             return
-        state = json.loads(f.read_text())
-        wc_state = state.get("wc")
-        if wc_state and state.get("budget") == self.focus.budget:
-            wc = WorkingContext.from_dict(wc_state)
-            if wc.num_tokens == self.num_tokens:
-                self.wc = wc
-                self._cache = _Cache()
+        try:
+            state = json.loads(f.read_text(encoding="utf-8"))
+            if not checksum_ok(state):
+                raise ValueError("it fails its checksum")
+            wc_state = state.get("wc")
+            wc = WorkingContext.from_dict(wc_state) if wc_state and state.get("budget") == self.focus.budget else None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, MegaContextError) as e:
+            warnings.warn(
+                f"{f} is damaged ({e}); starting from a fresh window over the {self.num_tokens} tokens "
+                "of history (the history itself is intact)",
+                SessionWarning,
+                stacklevel=2,
+            )
+            return
+        if wc is not None and wc.num_tokens <= self.num_tokens:
+            self.forced.extend(wc.extend(self.num_tokens))  # tokens committed after the last save
+            self.wc = wc
+            self._cache = _Cache()
 
 
 def open_or_create_tree(cfg: Config, modules: Modules, path: Path, create: bool) -> MegaContextTree:
-    """Open a disk tree checked against this base (model, tokenizer, dim); create if asked."""
+    """Open a disk tree for writing, checked against this base (model, tokenizer, dim,
+    vocabulary) before anything is written; create it if asked. The tree holds its
+    writer lock until closed."""
     base, gister = modules.base, modules.gister()
     tok_hash = tokenizer_hash(base.tokenizer)[:16]  # the short form trees store
-    if path.exists() and any(path.iterdir()):
-        tree = MegaContextTree.open(path, gister, expect_model=base.name, expect_tokenizer=tok_hash)
-        if (tree.levels, tree.block_size) != (cfg.tree.levels, cfg.tree.block_size):
-            found = f"{tree.levels} levels, block size {tree.block_size}"
-            tree.close()
-            raise MegaContextError(
-                f"tree {path} has {found} but the config says tree.levels={cfg.tree.levels}, "
-                f"tree.block_size={cfg.tree.block_size}: use the config it was made with"
-            )
-        return tree
-    if not create:
-        raise MegaContextError(f"no tree at {path}")
+    if not create or (path / METADATA_FILE).exists():  # (what a killed create leaves is created over)
+        with MegaContextTree.open(path, expect_model=base.name, expect_tokenizer=tok_hash) as reader:
+            _check_tree(cfg, reader, vocab_size(base))  # read-only, before a new gister's refresh reads every id
+        return MegaContextTree.open(path, gister, expect_model=base.name, expect_tokenizer=tok_hash)
     return MegaContextTree.create_disk(
         path,
         cfg.tree.block_size,
@@ -293,3 +349,18 @@ def open_or_create_tree(cfg: Config, modules: Modules, path: Path, create: bool)
         tokenizer_hash=tok_hash,
         gist_dtype=cfg.tree.gist_dtype,
     )
+
+
+def _check_tree(cfg: Config, tree: MegaContextTree, vocab: int) -> None:
+    """MegaContextError when the tree's shape differs from the config or a stored token id is out of range."""
+    if (tree.levels, tree.block_size) != (cfg.tree.levels, cfg.tree.block_size):
+        raise MegaContextError(
+            f"tree {tree.path} has {tree.levels} levels, block size {tree.block_size} but the config says "
+            f"tree.levels={cfg.tree.levels}, tree.block_size={cfg.tree.block_size}: use the config it was made with"
+        )
+    bad = tree.first_token_outside(vocab)
+    if bad is not None:
+        raise TreeError(
+            f"tree {tree.path} is damaged: the token id at offset {bad} of LOD0.ctx is "
+            f"{int(tree.tokens(bad, bad + 1)[0])}, outside the base's vocabulary [0, {vocab}) (nothing was changed)"
+        )

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from megacontext.errors import TreeError
+from megacontext.lock import WriterLock
 from megacontext.tree_storage import (
     GIST_DTYPES,
     VERSION_BYTES,
@@ -49,6 +50,7 @@ from megacontext.tree_storage import (
 
 CHUNK_TOKENS = 8192  # tokens per gister batch and per disk commit inside one append
 _MAX_TOKEN = 2**32 - 1
+_SCAN_TOKENS = 1 << 20  # tokens per read when scanning the whole history
 
 
 class Gister(Protocol):
@@ -221,8 +223,8 @@ class MegaContextTree:
             raise TreeError("model_name and tokenizer_hash must be strings")
         meta = Meta(block_size, levels, dim, gist_dtype, model_name, tokenizer_hash, gister.version,
                      (0,) * (levels + 1))
-        DiskStore.create(Path(path), meta)
-        return cls.open(path, gister, chunk_tokens=chunk_tokens)
+        lock = DiskStore.create(Path(path), meta)
+        return cls._open_disk(Path(path), gister, None, None, chunk_tokens, lock)
 
     @classmethod
     def open(
@@ -238,22 +240,45 @@ class MegaContextTree:
 
         With `expect_model` / `expect_tokenizer`, a tree made for another model or
         tokenizer is refused. With a `gister` of another version (or another width),
-        the gists are recomputed (or the tree refused). Without a gister the tree can be
-        read but not appended to.
+        the gists are recomputed (or the tree refused). With a gister the tree is open
+        for writing and holds its writer lock until closed (a second writer gets
+        :class:`~megacontext.lock.LockedError`); without one it can be read, concurrently
+        with a writer, but not appended to.
         """
         _check_chunk(chunk_tokens)
-        store = DiskStore.load(Path(path))
-        meta = store.meta
-        if expect_model is not None and expect_model != meta.model_name:
-            raise TreeError(f"the tree at {path} was built for model {meta.model_name!r}, not {expect_model!r}")
-        if expect_tokenizer is not None and expect_tokenizer != meta.tokenizer_hash:
-            raise TreeError(
-                f"the tree at {path} was built with tokenizer {meta.tokenizer_hash!r}, but this one is "
-                f"{expect_tokenizer!r}: its token ids would mean other text"
-            )
-        if gister is not None:
+        return cls._open_disk(Path(path), gister, expect_model, expect_tokenizer, chunk_tokens, None)
+
+    @classmethod
+    def _open_disk(
+        cls,
+        path: Path,
+        gister: Gister | None,
+        expect_model: str | None,
+        expect_tokenizer: str | None,
+        chunk_tokens: int,
+        lock: WriterLock | None,
+    ) -> MegaContextTree:
+        """:meth:`open`; `lock`: the writer lock when the caller already holds it (a new tree)."""
+        try:
+            store = DiskStore.load(path, verify=gister is None)  # a writer verifies under its lock, below
+            meta = store.meta
+            if expect_model is not None and expect_model != meta.model_name:
+                raise TreeError(f"the tree at {path} was built for model {meta.model_name!r}, not {expect_model!r}")
+            if expect_tokenizer is not None and expect_tokenizer != meta.tokenizer_hash:
+                raise TreeError(
+                    f"the tree at {path} was built with tokenizer {meta.tokenizer_hash!r}, but this one is "
+                    f"{expect_tokenizer!r}: its token ids would mean other text"
+                )
+            if gister is None:
+                return cls(store, None, chunk_tokens)  # read-only: no lock, nothing changes on disk
             _check_gister(gister, meta.dim)
-        store.attach()
+            lock = lock or WriterLock(path, "tree")
+            store = DiskStore.load(path)  # again, under the lock: another writer may have committed since
+            store.attach(lock)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
         try:
             return cls(store, gister, chunk_tokens)
         except BaseException:
@@ -357,6 +382,24 @@ class MegaContextTree:
         if not (0 <= start <= end <= self.num_tokens):
             raise TreeError(f"token range [{start}, {end}) is outside the history [0, {self.num_tokens})")
         return self._store.read_tokens(start, end)
+
+    def max_token(self) -> int:
+        """The largest token id in the history (-1 when it is empty); streams LOD0 in chunks."""
+        return max((int(part.max()) for _, part in self._token_chunks()), default=-1)
+
+    def first_token_outside(self, vocab_size: int) -> int | None:
+        """Offset of the first token id >= `vocab_size` (None when every id is below it)."""
+        for start, part in self._token_chunks():
+            bad = np.flatnonzero(part >= vocab_size)
+            if bad.size:
+                return start + int(bad[0])
+        return None
+
+    def _token_chunks(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(start, uint32 ids [<= _SCAN_TOKENS]) covering the history in order."""
+        self._check_open()
+        for start in range(0, self.num_tokens, _SCAN_TOKENS):
+            yield start, self._store.read_tokens(start, min(start + _SCAN_TOKENS, self.num_tokens))
 
     def gists(self, level: int, indices: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
         """Gists of nodes (level, i) for i in `indices` [n] -> float32 [n, d] on the CPU."""

@@ -5,10 +5,13 @@ The exact on-disk format and its commit protocol are specified in
 one folder holding ``LOD0.ctx`` (uint32 token ids), ``LOD1.ctx`` .. ``LOD{L}.ctx`` (gist
 vectors in the tree's gist dtype, row-major), each behind a fixed ``HEADER_SIZE``-byte
 header (magic, format version, shape, dtype, model name, gister version), and
-``metadata.json``, the commit record that holds the committed length of every level.
-Data is written past the committed end and fsynced first; replacing ``metadata.json``
-atomically is the durability point, so bytes past the committed lengths are ignored
-(and dropped when the tree is next opened for writing).
+``metadata.json``, the commit record that holds the committed length and the CRC-32 of
+the committed data of every level (and a checksum of itself). Data is written past the
+committed end and fsynced first; replacing ``metadata.json`` atomically is the durability
+point, so bytes past the committed lengths are ignored (and dropped when the tree is next
+opened for writing). Opening a tree reads its committed data once to check the CRC-32s,
+so a flipped or overwritten byte is reported instead of being read as history.
+A store open for writing holds the tree's ``writer.lock`` (:mod:`megacontext.lock`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,8 +28,9 @@ from typing import BinaryIO, Protocol
 import numpy as np
 import torch
 
-from megacontext.durable import fsync_dir
+from megacontext.durable import checksum_ok, fsync_dir, replace_file, with_checksum
 from megacontext.errors import TreeError
+from megacontext.lock import LOCK_FILE, WriterLock
 
 MAGIC = b"MEGACTX\x00"
 FORMAT_VERSION = 1
@@ -35,6 +40,7 @@ FORMAT_NAME = "megacontext-tree"
 GIST_DTYPES = ("float16", "bfloat16", "float32")
 MODEL_NAME_BYTES = 256
 VERSION_BYTES = 64
+_CRC_BLOCK = 1 << 24  # bytes per read when checking a level file's CRC-32
 
 # magic | format version | level | levels | block size | dim | reserved | dtype | model | gist version
 _HEADER = struct.Struct("<8sIIIIII8s256s64s")
@@ -271,15 +277,47 @@ class RamStore:
         self._gists = self._empty_gists()
 
 
-def _write_metadata(folder: Path, meta: Meta) -> None:
-    """Atomically replace metadata.json: write tmp, fsync, rename, fsync the folder."""
-    tmp = folder / (METADATA_FILE + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(meta.to_json(), f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, folder / METADATA_FILE)
-    fsync_dir(folder)
+def _write_metadata(folder: Path, meta: Meta, crc: Sequence[int]) -> None:
+    """Atomically replace metadata.json (with the levels' CRC-32s and its checksum): write tmp,
+    fsync, rename, fsync the folder."""
+    record = {**meta.to_json(), "crc32": {f"LOD{k}": c for k, c in enumerate(crc)}}
+    replace_file(folder / METADATA_FILE, json.dumps(with_checksum(record), indent=1))
+
+
+def _read_metadata(meta_file: Path) -> tuple[Meta, tuple[int, ...] | None]:
+    """Parse and check metadata.json -> (meta, CRC-32 per level, None in trees written before
+    them); TreeError naming the file when it is unreadable or damaged."""
+    try:
+        data = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TreeError(f"cannot read {meta_file}: {e} (the tree's commit record is damaged; nothing was changed)") from None
+    if not checksum_ok(data):
+        raise TreeError(
+            f"{meta_file} is damaged: it fails its checksum, so the committed lengths cannot be trusted "
+            "(nothing was changed; restore the file from a backup or ingest into a new tree)"
+        )
+    meta = Meta.from_json(data, meta_file)
+    if "crc32" not in data:
+        return meta, None
+    stored = data["crc32"]
+    crc = tuple(stored.get(f"LOD{k}") for k in range(meta.levels + 1)) if isinstance(stored, dict) else ()
+    if len(crc) != meta.levels + 1 or not all(isinstance(c, int) and 0 <= c < 2**32 for c in crc):
+        raise TreeError(f"{meta_file}: field 'crc32' must map LOD0..LOD{meta.levels} to CRC-32 values, got {stored!r}")
+    return meta, crc
+
+
+def _crc32(file: Path, nbytes: int) -> int:
+    """CRC-32 of the first `nbytes` data bytes of a level file (after its header), read in blocks."""
+    crc = 0
+    with open(file, "rb") as f:
+        f.seek(HEADER_SIZE)
+        while nbytes > 0:
+            block = f.read(min(nbytes, _CRC_BLOCK))
+            if not block:
+                break
+            crc = zlib.crc32(block, crc)
+            nbytes -= len(block)
+    return crc
 
 
 def level_file(folder: Path, level: int) -> Path:
@@ -290,42 +328,67 @@ class DiskStore:
     """One flat file per level behind a fixed header, plus metadata.json (the commit record).
 
     Reads are memory-mapped (re-mapped when the committed length outgrows the map);
-    appends are written at the committed end, fsynced, and only then committed.
+    appends are written at the committed end, fsynced, and only then committed. A store
+    opened for writing (:meth:`attach`) holds the tree's writer lock until :meth:`close`.
     """
 
-    def __init__(self, path: Path, meta: Meta) -> None:
+    def __init__(self, path: Path, meta: Meta, crc: tuple[int, ...] | None) -> None:
         self.path = path
         self.meta = meta
+        self.crc = crc  # CRC-32 of the committed data per level; None only when loaded without verify (read-only)
         self._files: list[BinaryIO] = []
         self._maps: list[np.ndarray | None] = [None] * (meta.levels + 1)
+        self._lock: WriterLock | None = None
 
     # -- opening
     @classmethod
-    def create(cls, path: Path, meta: Meta) -> None:
-        """Write an empty tree; metadata.json appears last, so a half-made tree is never valid."""
+    def create(cls, path: Path, meta: Meta) -> WriterLock:
+        """Write an empty tree and return its writer lock, still held (for the caller to attach).
+
+        metadata.json appears last, so a half-made tree is never valid; the lock is taken
+        before anything is written, so two creators never write the same folder.
+        """
         if path.exists() and not path.is_dir():
-            raise TreeError(f"cannot create a tree at {path}: it is a file")
+            raise TreeError(f"cannot create a tree at {path}: it is a file; choose a folder (a missing one is created)")
         if (path / METADATA_FILE).exists():
             raise TreeError(f"a MegaContext tree already exists at {path}; open it instead, or choose a new folder")
-        ours = {level_file(path, k).name for k in range(meta.levels + 1)} | {METADATA_FILE + ".tmp"}
-        if path.is_dir() and any(p.name not in ours for p in path.iterdir()):
+        # what a crashed create leaves: header-only level files, a temp commit, the lock
+        ours = {level_file(path, k).name for k in range(meta.levels + 1)} | {METADATA_FILE + ".tmp", LOCK_FILE}
+        if path.is_dir() and any(p.name not in ours or (p.suffix == ".ctx" and p.stat().st_size > HEADER_SIZE)
+                                 for p in path.iterdir()):
             raise TreeError(f"cannot create a tree at {path}: the folder exists and is not empty")
-        path.mkdir(parents=True, exist_ok=True)
-        for level in range(meta.levels + 1):
-            with open(level_file(path, level), "wb") as f:
-                f.write(Header.for_level(meta, level, meta.gist_version).pack())
-                f.flush()
-                os.fsync(f.fileno())
-        fsync_dir(path)
-        _write_metadata(path, meta)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TreeError(f"cannot create a tree at {path}: {e.strerror or e}") from None
+        lock = WriterLock(path, "tree")
+        try:
+            if (path / METADATA_FILE).exists():  # another creator finished first
+                raise TreeError(f"a MegaContext tree already exists at {path}; open it instead, or choose a new folder")
+            for level in range(meta.levels + 1):
+                with open(level_file(path, level), "wb") as f:
+                    f.write(Header.for_level(meta, level, meta.gist_version).pack())
+                    f.flush()
+                    os.fsync(f.fileno())
+            fsync_dir(path)
+            _write_metadata(path, meta, (0,) * (meta.levels + 1))
+        except BaseException:
+            lock.release()
+            raise
+        return lock
 
     @classmethod
-    def load(cls, path: Path) -> DiskStore:
+    def load(cls, path: Path, verify: bool = True) -> DiskStore:
         """Validate a tree folder without changing anything (TreeError when it is not sound).
 
         `meta.gist_version` of the result is the version the gist files actually hold:
         that of their headers when they agree, "" when they disagree (an interrupted
-        refresh; the gists must be recomputed before use).
+        refresh; the gists must be recomputed before use). With `verify`, the committed
+        data of every level is read once and checked against its CRC-32 in metadata.json;
+        a gist file whose header carries another version than metadata.json was swapped in
+        by a refresh that crashed before its commit, so its recorded CRC-32 is the old
+        file's and it is adopted unchecked (as is every level of a tree written before
+        CRC-32s were recorded). Without `verify`, `crc` is left unknown.
         """
         if not path.exists():
             raise TreeError(f"no MegaContext tree at {path}: the folder does not exist")
@@ -334,12 +397,8 @@ class DiskStore:
         meta_file = path / METADATA_FILE
         if not meta_file.is_file():
             raise TreeError(f"{path} is not a MegaContext tree (no {METADATA_FILE})")
-        try:
-            data = json.loads(meta_file.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise TreeError(f"cannot read {meta_file}: {e}") from None
-        meta = Meta.from_json(data, meta_file)
-        versions = set()
+        meta, stored = _read_metadata(meta_file)
+        versions, crc = set(), []
         for level in range(meta.levels + 1):
             file = level_file(path, level)
             header = Header.read(file)
@@ -351,10 +410,26 @@ class DiskStore:
                 )
             if level:
                 versions.add(header.gist_version)
-        return cls(path, replace(meta, gist_version=versions.pop() if len(versions) == 1 else ""))
+            if verify:
+                crc.append(_crc32(file, meta.committed[level] * meta.item_bytes(level)))
+                swapped = level > 0 and header.gist_version != meta.gist_version
+                if stored is not None and not swapped and crc[level] != stored[level]:
+                    raise TreeError(
+                        f"{file} is damaged: its committed data fails the CRC-32 recorded in metadata.json "
+                        "(a flipped or overwritten byte; nothing was changed: restore the tree from a backup, "
+                        "or ingest its text into a new tree)"
+                    )
+        gist_version = versions.pop() if len(versions) == 1 else ""
+        return cls(path, replace(meta, gist_version=gist_version), tuple(crc) if verify else stored)
 
-    def attach(self) -> None:
-        """Drop whatever lies past the committed lengths (an interrupted append) and open for writing."""
+    def attach(self, lock: WriterLock) -> None:
+        """Open for writing under ``lock`` (the tree's writer lock, held; released by :meth:`close`).
+
+        Drops whatever lies past the committed lengths (an interrupted append) and the
+        transient files. ``self.meta`` must have been read under the lock.
+        """
+        assert self.crc is not None, "a store is opened for writing only after load(verify=True)"
+        self._lock = lock
         for leftover in [self.path / (METADATA_FILE + ".tmp"), *self._refresh_files()]:
             leftover.unlink(missing_ok=True)
         try:
@@ -395,16 +470,19 @@ class DiskStore:
     def commit(self, tokens: np.ndarray, gists: Sequence[torch.Tensor]) -> None:
         """Write at the committed ends, fsync, then advance metadata.json (the durability point)."""
         items = [tokens, *(_encode(g, self.meta.gist_dtype) for g in gists)]
+        crc = list(self.crc)
         for level, arr in enumerate(items):
             if len(arr):
+                data = np.ascontiguousarray(arr).tobytes()
                 f = self._files[level]
                 f.seek(HEADER_SIZE + self.meta.committed[level] * self.meta.item_bytes(level))
-                f.write(np.ascontiguousarray(arr).tobytes())
+                f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+                crc[level] = zlib.crc32(data, crc[level])
         meta = replace(self.meta, committed=tuple(c + len(a) for c, a in zip(self.meta.committed, items)))
-        _write_metadata(self.path, meta)
-        self.meta = meta
+        _write_metadata(self.path, meta, crc)
+        self.meta, self.crc = meta, tuple(crc)
 
     def rewrite(self, version: str, chunks: Iterable[Sequence[torch.Tensor]]) -> None:
         """Stream new gists into LODk.ctx.refresh files, then swap them in and commit the version.
@@ -414,12 +492,15 @@ class DiskStore:
         """
         tmp_paths = self._refresh_files()
         files = [open(p, "wb") for p in tmp_paths]
+        crc = [self.crc[0]] + [0] * self.meta.levels
         try:
             for k, f in enumerate(files, start=1):
                 f.write(Header.for_level(self.meta, k, version).pack())
             for gists in chunks:
-                for f, g in zip(files, gists):
-                    f.write(_encode(g, self.meta.gist_dtype).tobytes())
+                for k, (f, g) in enumerate(zip(files, gists), start=1):
+                    data = _encode(g, self.meta.gist_dtype).tobytes()
+                    f.write(data)
+                    crc[k] = zlib.crc32(data, crc[k])
             for f in files:
                 f.flush()
                 os.fsync(f.fileno())
@@ -439,8 +520,8 @@ class DiskStore:
         for k in range(1, self.meta.levels + 1):
             self._files[k] = open(level_file(self.path, k), "r+b")
         meta = replace(self.meta, gist_version=version)
-        _write_metadata(self.path, meta)
-        self.meta = meta
+        _write_metadata(self.path, meta, crc)
+        self.meta, self.crc = meta, tuple(crc)
 
     def bytes_on_disk(self) -> int:
         files = [level_file(self.path, k) for k in range(self.meta.levels + 1)] + [self.path / METADATA_FILE]
@@ -451,3 +532,6 @@ class DiskStore:
             f.close()
         self._files = []
         self._maps = [None] * (self.meta.levels + 1)
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None

@@ -1,9 +1,12 @@
 """`megacontext` command line: one module per command group, registered here.
 
 Each command module exposes ``register(subparsers)``; it adds its subcommands with
-:func:`add_common` options and sets ``func(args) -> int`` as the handler.
+:func:`add_common` options and sets ``func(args) -> int`` as the handler; a handler loads
+its config (:func:`load_args_config`) before it imports the model stack.
 User mistakes surface as :class:`~megacontext.errors.MegaContextError` and are printed
-as one line (exit status 2); there is never a traceback for those.
+as one line (exit status 2); so are OS errors (a full disk, a missing permission), and
+:class:`~megacontext.errors.MegaContextWarning` as one ``warning:`` line each. There is
+never a traceback for those.
 """
 
 from __future__ import annotations
@@ -11,9 +14,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
-from megacontext.errors import MegaContextError
+from megacontext.errors import MegaContextError, MegaContextWarning
 
 # Command modules, in the order their subcommands appear in --help.
 COMMAND_MODULES = [
@@ -75,10 +80,17 @@ def add_common(p: argparse.ArgumentParser) -> None:
 
 
 def load_args_config(args: argparse.Namespace, extra: Sequence[str] = ()):
-    """The Config for a parsed command line (file < env < --set < extra)."""
-    from megacontext.config import load_config
+    """The Config for a parsed command line (file < env < --set < extra).
 
-    return load_config(args.config, list(args.overrides) + list(extra))
+    When it names a hub model or dataset and the hub is unreachable, the process is
+    switched to offline mode here, before ``huggingface_hub`` is imported.
+    """
+    from megacontext.config import load_config
+    from megacontext.hub import prefer_offline
+
+    cfg = load_config(args.config, list(args.overrides) + list(extra))
+    prefer_offline(cfg)
+    return cfg
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,19 +105,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextmanager
+def one_line_warnings(command: str) -> Iterator[None]:
+    """Inside the block, each MegaContextWarning is printed as ``megacontext CMD: warning: ...``."""
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, MegaContextWarning):
+            print(f"megacontext {command}: warning: {message}", file=sys.stderr)
+        else:
+            previous(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    say = f"megacontext {args.command}"
     try:
-        return int(args.func(args) or 0)
+        with one_line_warnings(args.command):
+            return int(args.func(args) or 0)
     except MegaContextError as e:
-        print(f"megacontext {args.command}: error: {e}", file=sys.stderr)
+        print(f"{say}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"megacontext {args.command}: interrupted", file=sys.stderr)
+    except OSError as e:  # the environment: a full disk, a permission, a vanished file
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"{say}: error: {e.strerror or e}{where}; check the path, its permissions and the free space", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        print(f"{say}: interrupted{f': {e}' if str(e) else ''}", file=sys.stderr)
         return 130
 
 

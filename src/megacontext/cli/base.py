@@ -26,9 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_pretrain_base(args: argparse.Namespace) -> int:
+    cfg = load_args_config(args)
+
     from megacontext.training.pretrain_base import pretrain_base
 
-    cfg = load_args_config(args)
     s = pretrain_base(cfg, force=args.force)
     early, late = s["early_positions"], s["late_positions"]
     depths = "  ".join(f"{k.removeprefix('depth_')}: {v:.0%}" for k, v in s["passkey_by_depth"].items())

@@ -23,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "tokenizer (for the embedded base: a byte-level BPE of data.vocab_size trained on the "
         "train split), and write Arrow shards plus manifest.json under "
         "$MEGACONTEXT_DATA_ROOT/<dataset>/. A re-run verifies the shards' checksums and reuses "
-        "them; corrupted or missing shards are reported and rebuilt.",
+        "them; corrupted or missing shards are reported and rebuilt, and so is a dataset whose "
+        "local source changed since (files added, removed, resized or touched).",
     )
     add_common(p)
     p.add_argument("--source", default=None, metavar="SPEC", help=SOURCE_HELP)
@@ -36,9 +37,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    cfg = load_args_config(args, ["data.force_rebuild=true"] if args.force else [])
+
     from megacontext.data import prepare_dataset
 
-    cfg = load_args_config(args, ["data.force_rebuild=true"] if args.force else [])
     ds = prepare_dataset(cfg, source=args.source)
     m = ds.manifest
     tok = m["tokenizer"]

@@ -90,13 +90,14 @@ def default_out_dir(cfg, checkpoint: Path | None, variant: list[str]) -> Path:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    extra = [f"eval.split={args.split}"] if args.split else []
+    extra += [f"eval.cursor={args.cursor}"] if args.cursor else []
+    cfg = load_args_config(args, extra)  # first: it may switch the hub to offline mode before the imports below
+
     from megacontext.eval.evaluate import EvalOptions, evaluate
     from megacontext.eval.results import write_eval_json
     from megacontext.modules import Modules
 
-    extra = [f"eval.split={args.split}"] if args.split else []
-    extra += [f"eval.cursor={args.cursor}"] if args.cursor else []
-    cfg = load_args_config(args, extra)
     opts = EvalOptions.from_config(cfg)
     if args.budgets:
         opts.budgets = _budgets(args.budgets)
@@ -144,17 +145,25 @@ def make_report(cfg, run_dir: Path) -> Path:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from megacontext.config import load_config
+    from megacontext.hub import prefer_offline
 
     run_dir = Path(args.run).expanduser().resolve()
     if not run_dir.is_dir():
         raise MegaContextError(f"no run folder at {run_dir}")
     snapshot = run_dir / "config.yaml"
-    cfg = load_config(snapshot, args.overrides) if snapshot.is_file() else load_args_config(args)
+    if snapshot.is_file():
+        cfg = load_config(snapshot, args.overrides)
+        prefer_offline(cfg)
+    else:
+        cfg = load_args_config(args)
     print(f"wrote {make_report(cfg, run_dir)}")
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    cfg = load_args_config(args)  # first: it may switch the hub to offline mode before the imports below
+
+    from megacontext.cli.train import locked_run
     from megacontext.data import prepare_dataset
     from megacontext.eval.evaluate import EvalOptions, evaluate
     from megacontext.eval.results import write_eval_json
@@ -162,16 +171,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     from megacontext.training.loop import train
     from megacontext.training.pretrain_base import pretrain_base
 
-    cfg = load_args_config(args)
-    prepare_dataset(cfg)
-    if cfg.base.name == "embedded":
-        pretrain_base(cfg)
-    summary = train(cfg, out_dir=args.out)
-    run_dir = Path(summary["run_dir"])
-    modules = Modules.load(cfg, str(run_dir))
-    run = evaluate(cfg, modules, EvalOptions.from_config(cfg))
-    write_eval_json(run.json, run_dir / "eval.json")
-    report = make_report(cfg, run_dir)
+    with locked_run(cfg, args.out, None) as run_dir:
+        prepare_dataset(cfg)
+        if cfg.base.name == "embedded":
+            pretrain_base(cfg)
+        train(cfg, out_dir=run_dir)
+        modules = Modules.load(cfg, str(run_dir))
+        run = evaluate(cfg, modules, EvalOptions.from_config(cfg))
+        write_eval_json(run.json, run_dir / "eval.json")
+        report = make_report(cfg, run_dir)
     _print_table(run)
     print(f"report: {report}")
     return 0

@@ -48,9 +48,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_common(p)
     p.add_argument("--tree", required=True, metavar="DIR", help="tree folder (made by ingest)")
     p.add_argument("--prompt", required=True, help="text to append before generating")
-    p.add_argument("--budget", type=int, default=None, help="W_max in cost units (default: focus.budget)")
+    p.add_argument("--budget", type=int, default=None,
+                   help="W_max in cost units, at most the base's context length (default: focus.budget)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0, help=">= 0; 0 = greedy (default: %(default)s)")
     add_checkpoint(p)
     p.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
     p.set_defaults(func=cmd_generate)
@@ -70,23 +71,33 @@ def _read_input(path: str) -> str:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
+    cfg = load_args_config(args)  # first: it may switch the hub to offline mode before the imports below
+    text = _read_input(args.input)  # before touching the tree
+
     from tqdm import tqdm
 
     from megacontext.modules import Modules
     from megacontext.runtime import open_or_create_tree
 
-    cfg = load_args_config(args)
-    text = _read_input(args.input)  # before touching the tree
     modules = Modules.load(cfg, args.checkpoint)
     ckpt = modules.checkpoint
     ids = modules.base.tokenizer.encode(text, add_special_tokens=False)
-    tree = open_or_create_tree(cfg, modules, Path(args.tree), create=True)
+    path = Path(args.tree)
+    tree = open_or_create_tree(cfg, modules, path, create=True)
     before = tree.num_tokens
     chunk = 8192
-    with tqdm(total=len(ids), unit="tok", desc="ingest", disable=not sys.stderr.isatty()) as bar:
-        for i in range(0, len(ids), chunk):
-            tree.append(ids[i : i + chunk])
-            bar.update(min(chunk, len(ids) - i))
+    try:
+        with tqdm(total=len(ids), unit="tok", desc="ingest", disable=not sys.stderr.isatty()) as bar:
+            for i in range(0, len(ids), chunk):
+                tree.append(ids[i : i + chunk])
+                bar.update(min(chunk, len(ids) - i))
+    except KeyboardInterrupt:
+        tree.close()
+        raise KeyboardInterrupt(_kept(path, before, len(ids))) from None
+    except OSError as e:
+        tree.close()
+        where = f" ({e.filename})" if e.filename else ""
+        raise MegaContextError(f"{e.strerror or e}{where}: {_kept(path, before, len(ids))}") from None
     n = tree.num_tokens
     counts = {str(k): tree.num_nodes(k) for k in range(1, tree.levels + 1)}
     tree.close()
@@ -95,6 +106,18 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         f"gists per level {counts}; modules: {ckpt or 'untrained'})"
     )
     return 0
+
+
+def _kept(path: Path, before: int, new: int) -> str:
+    """What an interrupted ingest left: the committed history, read back from disk."""
+    from megacontext.tree import MegaContextTree
+
+    with MegaContextTree.open(path) as tree:
+        n = tree.num_tokens
+    return (
+        f"the tree {path} keeps {n} tokens ({n - before} of the {new} new ones were committed, "
+        f"the rest were not ingested)"
+    )
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -106,6 +129,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         "nodes_per_level": {str(k): tree.num_nodes(k) for k in range(1, tree.levels + 1)},
         "gist_version": tree.gist_version,
         "bytes_on_disk": tree.bytes_on_disk,
+        "max_token_id": tree.max_token(),
     }
     tree.close()
     if args.json:
@@ -117,34 +141,38 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             print(f"  LOD{k} gists     {v}")
         print(f"  gist version   {info['gist_version']}")
         print(f"  bytes on disk  {info['bytes_on_disk']}")
+        print(f"  max token id   {info['max_token_id']} (generate and ingest check it against the base's vocabulary)")
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from megacontext.modules import Modules
-    from megacontext.runtime import Session, open_or_create_tree
-
     try:
         args.prompt.encode("utf-8")
     except UnicodeEncodeError:
         raise MegaContextError("the prompt is not valid UTF-8; nothing was changed") from None
-    if args.max_new_tokens < 0:
-        raise MegaContextError("--max-new-tokens must be >= 0")
     extra = [f"focus.budget={args.budget}"] if args.budget is not None else []
-    cfg = load_args_config(args, extra)
+    cfg = load_args_config(args, extra)  # first: it may switch the hub to offline mode before the imports below
+
+    from megacontext.modules import Modules
+    from megacontext.runtime import Session, check_budget, check_sampling, open_or_create_tree
+
+    check_sampling(args.max_new_tokens, args.temperature)
     if not Path(args.tree).exists():
         raise MegaContextError(f"no tree at {args.tree}: create one with `megacontext ingest --tree {args.tree} --input FILE`")
     modules = Modules.load(cfg, args.checkpoint)
     base, ckpt = modules.base, modules.checkpoint
+    check_budget(cfg.focus.budget, base)
     tree = open_or_create_tree(cfg, modules, Path(args.tree), create=False)
-    session = Session(modules, tree, cfg.focus, seed=cfg.seed)
-    session.restore_focus()
-    prompt_ids = base.tokenizer.encode(args.prompt, add_special_tokens=False)
-    out_ids = session.generate(prompt_ids, args.max_new_tokens, temperature=args.temperature)
-    session.save()
+    try:
+        session = Session(modules, tree, cfg.focus, seed=cfg.seed)
+        session.restore_focus()
+        prompt_ids = base.tokenizer.encode(args.prompt, add_special_tokens=False)
+        out_ids = session.generate(prompt_ids, args.max_new_tokens, temperature=args.temperature)
+        session.save()
+        summary = session.window_summary()
+    finally:
+        tree.close()
     text = base.tokenizer.decode(out_ids)
-    summary = session.window_summary()
-    tree.close()
     if args.json:
         print(json.dumps({"text": text, **summary}))
     else:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 from megacontext.cli import add_common, load_args_config
+from megacontext.config import Config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,11 +39,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train)
 
 
+@contextmanager
+def locked_run(cfg: Config, out_dir: str | None, resume: str | None) -> Iterator[Path]:
+    """The run folder training will use, created and write-locked for the block (a second
+    writer of the same folder is refused at once, naming this process)."""
+    from megacontext.lock import WriterLock
+    from megacontext.training.loop import resolve_run_dir
+
+    run_dir = resolve_run_dir(cfg, out_dir, resume)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with WriterLock(run_dir, "run"):
+        yield run_dir
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    cfg = load_args_config(args)  # first: it may switch the hub to offline mode before the imports below
+
     from megacontext.training.loop import train
 
-    cfg = load_args_config(args)
-    summary = train(cfg, out_dir=args.out, cycles=args.cycles, resume=args.resume, progress=not args.no_progress)
+    with locked_run(cfg, args.out, args.resume) as run_dir:
+        summary = train(cfg, out_dir=run_dir, cycles=args.cycles, resume=args.resume, progress=not args.no_progress)
     final = summary["final"]
     print(f"run         {summary['run_dir']}")
     print(f"checkpoint  {summary['checkpoint']}")

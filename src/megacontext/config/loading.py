@@ -221,9 +221,19 @@ def load_config(
     for k, v in pairs:  # type: ignore[misc]
         _set_dotted(cfg, k, v, "command line")
     validate(cfg)
-    cfg.paths.data_root = str(Path(cfg.paths.data_root).expanduser().resolve())
-    cfg.paths.artifact_root = str(Path(cfg.paths.artifact_root).expanduser().resolve())
+    for key in ("data_root", "artifact_root"):
+        folder = Path(getattr(cfg.paths, key)).expanduser().resolve()
+        _check_folder(folder, f"paths.{key}", cfg.origins.get(f"paths.{key}", cfg.source_file))
+        setattr(cfg.paths, key, str(folder))
     return cfg
+
+
+def _check_folder(folder: Path, key: str, where: str) -> None:
+    """ConfigError when ``folder`` (or the nearest of its parents that exists) is not a directory."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        what = "is a file" if existing == folder else f"is inside {existing}, which is a file"
+        raise ConfigError(f"{key} {folder} {what}: point it at a folder (created if missing)", key=key, where=where)
 
 
 def validate(cfg: Config) -> None:

@@ -7,7 +7,11 @@ Layout under ``<data_root>/<dataset>/``::
     train|val|test/shard-XXXXX.arrow
 
 A re-run validates every shard's sha256 against the manifest and reuses them; a
-missing, truncated or corrupted shard is reported by name and the dataset is rebuilt.
+missing, truncated or corrupted shard is reported by name and the dataset is rebuilt, as
+is a manifest that fails its own checksum.
+The manifest also records the source's fingerprint (files, sizes, modification times;
+:func:`~megacontext.data.sources.source_fingerprint`): when the source no longer
+matches it, the change is reported and the dataset is rebuilt.
 """
 
 from __future__ import annotations
@@ -29,8 +33,9 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 
 from megacontext.config import Config
 from megacontext.data.shards import ShardWriter, check_shard, read_shard, sha256_file
-from megacontext.data.sources import Document, Source, parse_source, source_identity
+from megacontext.data.sources import Document, Source, parse_source, source_fingerprint, source_identity
 from megacontext.data.tokenizer import encode_batch, load_hf_tokenizer, tokenizer_hash, train_bpe
+from megacontext.durable import checksum_ok, with_checksum
 from megacontext.errors import DataError
 
 FORMAT_VERSION = 1
@@ -190,13 +195,14 @@ def _say(msg: str) -> None:
 
 
 def _read_manifest(path: Path) -> dict | None:
-    """The manifest, or None when it is unreadable or from another format version."""
+    """The manifest, or None when it is unreadable, fails its checksum (damaged) or is from
+    another format version."""
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    keys = {"format_version", "name", "settings", "tokenizer", "splits"}
-    ok = isinstance(manifest, dict) and keys <= manifest.keys()
+    keys = {"format_version", "name", "settings", "source", "tokenizer", "splits"}
+    ok = isinstance(manifest, dict) and keys <= manifest.keys() and checksum_ok(manifest)
     return manifest if ok and manifest["format_version"] == FORMAT_VERSION else None
 
 
@@ -213,6 +219,20 @@ def verify_dataset(root: Path, manifest: dict) -> list[str]:
         if not path.is_file() or sha256_file(path) != sha:
             problems.append(f"tokenizer/{fname} is missing or modified")
     return problems
+
+
+def source_change(spec: str, manifest: dict) -> str | None:
+    """How the source differs from the fingerprint in ``manifest`` (None: unchanged, or not known).
+
+    Manifests written before fingerprints existed, and ``hf:`` sources, have none to compare.
+    """
+    before = manifest["source"].get("fingerprint")
+    now = source_fingerprint(spec)
+    if before is None or now is None or before == now:
+        return None
+    if (before["files"], before["bytes"]) == (now["files"], now["bytes"]):
+        return f"{now['files']} files of the same total size, but renamed, rewritten or touched"
+    return f"files {before['files']} -> {now['files']}, bytes {before['bytes']:,} -> {now['bytes']:,}"
 
 
 def prepare_dataset(
@@ -245,7 +265,10 @@ def prepare_dataset(
             _say(f"force rebuild of {name} requested")
             status = "rebuilt"
         elif manifest is None:
-            _say(f"{manifest_path} is unreadable or from another format version; rebuilding {name}")
+            _say(f"{manifest_path} is unreadable, damaged or from another format version; rebuilding {name}")
+            status = "rebuilt"
+        elif (change := source_change(spec, manifest)) is not None:
+            _say(f"the source {spec} changed since {name} was prepared ({change}); rebuilding it")
             status = "rebuilt"
         else:
             problems = verify_dataset(root, manifest)
@@ -302,6 +325,7 @@ def _save_tokenizer(tok: PreTrainedTokenizerBase, root: Path) -> dict[str, str]:
 def _build(
     cfg: Config, spec: str, plan: TokenizerPlan, settings: dict, name: str, root: Path, progress: bool
 ) -> dict:
+    fingerprint = source_fingerprint(spec)  # before reading: a change during the build is seen next time
     source = Source(spec, cfg.data.max_documents)
     stream = _SplitStream(source, cfg.data.val_fraction, cfg.data.test_fraction)
     root.mkdir(parents=True, exist_ok=True)
@@ -346,6 +370,7 @@ def _build(
             "skipped_non_utf8": source.stats.skipped_non_utf8,
             "skipped_empty": source.stats.skipped_empty,
             "sha256": source.stats.sha256,
+            "fingerprint": fingerprint,
         },
         "tokenizer": {
             "kind": plan.kind,
@@ -359,6 +384,7 @@ def _build(
         },
         "splits": splits,
     }
+    manifest = with_checksum(manifest)
     tmp = root / f".manifest.json.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, root / "manifest.json")

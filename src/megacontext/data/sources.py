@@ -9,7 +9,9 @@ A source spec is one string (``data.source`` or ``megacontext prepare --source``
     hf:NAME[:split]         a Hugging Face dataset (``text`` column; needs network or a cache)
 
 Every source yields documents in a deterministic order; files that are not valid UTF-8
-are skipped and counted.
+are skipped and counted. :func:`source_fingerprint` summarises what a local source would
+read now (paths, sizes, modification times) without reading it, so a prepared dataset
+can tell that its source changed.
 """
 
 from __future__ import annotations
@@ -81,6 +83,34 @@ def source_identity(spec: str) -> str:
     return f"hf {args[0]} split={args[1]}"
 
 
+def _stdlib_paths(root: Path) -> list[Path]:
+    return [p for p in sorted(root.rglob("*.py")) if not STDLIB_SKIP_DIRS & set(p.relative_to(root).parts[:-1])]
+
+
+def _glob_paths(pattern: str) -> list[Path]:
+    return sorted(Path(p) for p in glob.glob(str(Path(pattern).expanduser()), recursive=True) if Path(p).is_file())
+
+
+def source_fingerprint(spec: str) -> dict | None:
+    """``{"files", "bytes", "sha256"}`` over (path, size, mtime_ns) of every file a local
+    source reads; None for ``hf:`` sources (the hub versions those). Stats only, no reads."""
+    kind, args = parse_source(spec)
+    if kind == "hf":
+        return None
+    if kind == "python-stdlib":
+        paths = _stdlib_paths(stdlib_root())
+    elif kind == "files":
+        paths = _glob_paths(args[0])
+    else:
+        paths = [Path(args[0]).expanduser()] if Path(args[0]).expanduser().is_file() else []
+    h, total = hashlib.sha256(), 0
+    for p in paths:
+        st = p.stat()
+        total += st.st_size
+        h.update(f"{p.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return {"files": len(paths), "bytes": total, "sha256": h.hexdigest()}
+
+
 @dataclass
 class SourceStats:
     """What one full pass over a source yielded and skipped."""
@@ -118,14 +148,10 @@ class Source:
         self._hf = None
         if self.kind == "python-stdlib":
             self._root = stdlib_root()
-            self._paths = [
-                p
-                for p in sorted(self._root.rglob("*.py"))
-                if not STDLIB_SKIP_DIRS & set(p.relative_to(self._root).parts[:-1])
-            ]
+            self._paths = _stdlib_paths(self._root)
         elif self.kind == "files":
             pattern = str(Path(self.args[0]).expanduser())
-            self._paths = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+            self._paths = _glob_paths(self.args[0])
             if not self._paths:
                 raise DataError(f"files:{self.args[0]} matches no files")
             root = Path(pattern.split("*", 1)[0]).resolve()
