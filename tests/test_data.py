@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -205,6 +206,39 @@ def test_rerun_reuses_and_force_rebuilds(tmp_path, corpus, capsys):
     assert [d.tolist() for d in forced.documents("train")] == [d.tolist() for d in first.documents("train")]
 
 
+def test_changed_source_is_detected_and_rebuilt(tmp_path, corpus, capsys):
+    """The manifest fingerprints the files a source reads (paths, sizes, mtimes): any change rebuilds."""
+    cfg = tiny_cfg(tmp_path / "data")
+    spec = f"files:{corpus}/**/*.py"
+    first = prepare_dataset(cfg, source=spec, progress=False)
+    assert first.manifest["source"]["fingerprint"]["files"] == 6  # every matched file, read or skipped
+    capsys.readouterr()
+
+    def again(expect: str) -> tuple:
+        ds = prepare_dataset(cfg, source=spec, progress=False)
+        err = capsys.readouterr().err
+        assert ds.status == expect, err
+        return ds, err
+
+    again("reused")
+    (corpus / "a.py").write_text("# rewritten\nvalue = 1\n", encoding="utf-8")
+    ds, err = again("rebuilt")
+    assert f"the source {spec} changed since {ds.name} was prepared" in err and "rebuilding" in err
+    assert ds.tokenizer().decode(ds.documents("train")[0].tolist()) == "# rewritten\nvalue = 1\n"
+    again("reused")
+    st = (corpus / "pkg" / "b.py").stat()
+    os.utime(corpus / "pkg" / "b.py", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # same size, touched
+    assert "same total size" in again("rebuilt")[1]
+    (corpus / "pkg" / "new.py").write_text("x = 2\n", encoding="utf-8")
+    assert "files 6 -> 7" in again("rebuilt")[1]
+
+    manifest = json.loads((ds.root / "manifest.json").read_text())
+    del manifest["source"]["fingerprint"], manifest["checksum"]  # prepared before fingerprints (and checksums)
+    (ds.root / "manifest.json").write_text(json.dumps(manifest))
+    (corpus / "pkg" / "new.py").write_text("x = 3\n", encoding="utf-8")
+    again("reused")
+
+
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
 def test_damaged_shard_is_detected_and_rebuilt(tmp_path, corpus, capsys, damage):
     cfg = tiny_cfg(tmp_path / "data")
@@ -356,6 +390,20 @@ def test_passkey_structure(smoke_data, depth):
     assert len(ending) == 1
     full = tok.encode(ending[0] + ANSWER.format(key=ex.key), add_special_tokens=False)
     assert full == questions[ending[0]] + ex.answer.tolist()
+
+
+def test_a_spread_moves_the_needle_through_every_block_phase_of_one_depth(smoke_data):
+    tok, filler = smoke_data.tokenizer(), smoke_data.documents("train")
+    fixed = {make_passkey(np.random.default_rng(i), tok, filler, 1000, 0.3).needle_pos for i in range(24)}
+    assert len(fixed) <= 2  # without a spread one depth is (nearly) one position: one block phase
+    spread = [make_passkey(np.random.default_rng(i), tok, filler, 1000, 0.3, spread=32) for i in range(24)]
+    pos = np.array([ex.needle_pos for ex in spread])
+    assert np.abs(pos - min(fixed)).max() <= 17 and len({p % 32 for p in pos}) > 8  # within half a block, many phases
+    again = [make_passkey(np.random.default_rng(i), tok, filler, 1000, 0.3, spread=32).needle_pos for i in range(24)]
+    assert again == pos.tolist()  # still seeded
+    for ex in spread:
+        needle = tok.encode(NEEDLE.format(key=ex.key), add_special_tokens=False)
+        assert ex.prompt[ex.needle_pos : ex.needle_pos + len(needle)].tolist() == needle
 
 
 def test_passkey_keys_vary_and_are_seeded(smoke_data):

@@ -82,6 +82,18 @@ def filler_tokens(rng: np.random.Generator, filler_docs: Sequence[np.ndarray], n
     return np.concatenate(pieces).astype(np.int64)[:n]
 
 
+def depth_cut(rng: np.random.Generator, depth: float, n_filler: int, spread: int) -> int:
+    """The filler offset of a needle at ``depth``: ``depth * n_filler``, moved by a uniform
+    integer in ``[-spread // 2, spread // 2]`` (clipped to the filler). With ``spread`` = the
+    block size, the trials of one depth land at every offset inside a block: without it every
+    trial of a (length, depth) cell falls at the same offset, so a cell measures one block
+    phase (e.g. every needle cut in two by a block border) instead of the depth."""
+    if not 0.0 <= depth <= 1.0:
+        raise DataError(f"needle depth must be in [0, 1], got {depth}")
+    shift = int(rng.integers(-(spread // 2), spread // 2 + 1)) if spread > 0 else 0
+    return min(max(int(round(depth * n_filler)) + shift, 0), n_filler)
+
+
 def _assemble(
     rng: np.random.Generator,
     filler_docs: Sequence[np.ndarray],
@@ -89,6 +101,7 @@ def _assemble(
     depth: float,
     needle: list[int],
     question: list[int],
+    spread: int,
 ) -> tuple[np.ndarray, int]:
     n_filler = prompt_tokens - len(needle) - len(question)
     if n_filler < 0:
@@ -97,7 +110,7 @@ def _assemble(
             f"alone take {len(needle) + len(question)}"
         )
     filler = filler_tokens(rng, filler_docs, n_filler) if n_filler else np.zeros(0, np.int64)
-    pos = int(round(depth * n_filler))
+    pos = depth_cut(rng, depth, n_filler, spread)
     prompt = np.concatenate([filler[:pos], needle, filler[pos:], question]).astype(np.int64)
     return prompt, pos
 
@@ -109,12 +122,14 @@ def make_passkey(
     total_tokens: int,
     depth: float,
     template: PasskeyTemplate = EVAL_TEMPLATE,
+    spread: int = 0,
 ) -> PasskeyExample:
-    """A passkey prompt of exactly ``total_tokens`` tokens with the needle at ``depth``."""
+    """A passkey prompt of exactly ``total_tokens`` tokens with the needle at ``depth``
+    (give or take ``spread // 2`` tokens, see :func:`depth_cut`)."""
     if not 0.0 <= depth <= 1.0:
         raise DataError(f"passkey depth must be in [0, 1], got {depth}")
     key, needle, question, answer = _parts(rng, tokenizer, template)
-    prompt, pos = _assemble(rng, filler_docs, total_tokens, depth, needle, question)
+    prompt, pos = _assemble(rng, filler_docs, total_tokens, depth, needle, question, spread)
     return PasskeyExample(prompt, np.asarray(answer, dtype=np.int64), key, depth, pos)
 
 
@@ -145,6 +160,7 @@ def make_multikey(
     facts: int,
     template: FactTemplate = EVAL_FACTS,
     depth: float | None = None,
+    spread: int = 0,
 ) -> PasskeyExample:
     """``facts`` named 5-digit keys at random depths of a ``total_tokens`` prompt; the question
     asks one of them (planted at ``depth`` when given). ``needle_pos``/``depth``: the asked fact's."""
@@ -163,9 +179,7 @@ def make_multikey(
     filler = filler_tokens(rng, filler_docs, n_filler)
     cuts = rng.integers(0, n_filler + 1, size=facts)
     if depth is not None:
-        if not 0.0 <= depth <= 1.0:
-            raise DataError(f"multikey depth must be in [0, 1], got {depth}")
-        cuts[asked] = int(round(depth * n_filler))
+        cuts[asked] = depth_cut(rng, depth, n_filler, spread)
     order = np.argsort(cuts, kind="stable")
     pieces, last, pos = [], 0, 0
     for i in order:

@@ -1,7 +1,10 @@
 """Passkey retrieval (spec §6): exact-match accuracy over history length x depth, per policy.
 
 Examples come from :func:`megacontext.data.make_passkey`, seeded per (length, depth,
-trial); the multi-key grid (``task="multikey"``) from :func:`megacontext.data.make_multikey`
+trial), each needle moved by up to half a block from its depth point (``spread`` = the
+block size), so a cell holds every block phase — a fixed position put every trial of
+4,096 / 0.1 (and of 1,024 / 0.7) across a block border, and no trial of the other cells;
+the multi-key grid (``task="multikey"``) from :func:`megacontext.data.make_multikey`
 (``eval.multikey_facts`` facts that share their wording, the asked one at the depth). A policy is correct when greedy decoding of ``len(answer)`` tokens reproduces the
 answer exactly. With the window held fixed over those few tokens, that is the same as
 "the argmax at every teacher-forced answer slot is the answer token" (greedy stays on the
@@ -43,10 +46,11 @@ TASKS = ("passkey", "multikey")
 
 
 def passkey_examples(
-    ecfg: EvalConfig, tokenizer, filler: Sequence[np.ndarray], seed: int, task: str = "passkey"
+    ecfg: EvalConfig, tokenizer, filler: Sequence[np.ndarray], seed: int, task: str = "passkey", spread: int = 0
 ) -> list[tuple[Case, PasskeyExample]]:
     """The grid lengths x passkey_depths x trials of ``task``, deterministic in ``seed``
-    (passkey: passkey_lengths x passkey_trials; multikey: multikey_lengths x multikey_trials)."""
+    (passkey: passkey_lengths x passkey_trials; multikey: multikey_lengths x multikey_trials);
+    ``spread``: see :func:`megacontext.data.passkey.depth_cut`."""
     multi = task == "multikey"
     lengths, trials = (ecfg.multikey_lengths, ecfg.multikey_trials) if multi else (ecfg.passkey_lengths,
                                                                                    ecfg.passkey_trials)
@@ -55,8 +59,8 @@ def passkey_examples(
         for depth in ecfg.passkey_depths:
             for trial in range(trials):
                 rng = np.random.default_rng(derive_seed(seed, task, length, depth, trial))
-                ex = (make_multikey(rng, tokenizer, filler, length, ecfg.multikey_facts, depth=depth) if multi
-                      else make_passkey(rng, tokenizer, filler, length, depth))
+                ex = (make_multikey(rng, tokenizer, filler, length, ecfg.multikey_facts, depth=depth, spread=spread)
+                      if multi else make_passkey(rng, tokenizer, filler, length, depth, spread=spread))
                 out.append(((length, depth, trial), ex))
     return out
 
@@ -105,7 +109,7 @@ def passkey_grid(
     task: str = "passkey",
 ) -> list[dict]:
     """eval.json passkey (or multikey) rows: {budget, history_tokens, depth, policy, accuracy, n}."""
-    examples = passkey_examples(ecfg, mods.base.tokenizer, filler, seed, task)
+    examples = passkey_examples(ecfg, mods.base.tokenizer, filler, seed, task, settings.shape.block_size)
     hits: dict[tuple[int, int, float, str], list[bool]] = defaultdict(list)
     needs_source = any(p not in RAW_POLICIES and p != "megacontext" for p in policies)
     for (length, depth, trial), ex in tqdm(examples, desc=task, unit="ex", disable=not progress):
