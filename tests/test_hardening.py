@@ -209,6 +209,21 @@ def test_out_of_vocabulary_ids_are_refused_before_anything_is_appended(smoke_cfg
     assert s.num_tokens == 40
 
 
+def test_a_history_that_would_outgrow_the_budget_is_refused_before_anything_is_appended(smoke_cfg, smoke_base):
+    from megacontext.working_context import minimum_cost
+
+    s = _ram_session(smoke_cfg, smoke_base)
+    K, L, tail, budget = smoke_cfg.tree.block_size, smoke_cfg.tree.levels, smoke_cfg.focus.tail_blocks, smoke_cfg.focus.budget
+    limit = next(n for n in range(0, 10**7, K) if minimum_cost(n + K - 1, K, L, tail) > budget)  # first block that cannot fit
+    s.ingest(np.arange(limit - 5) % 200)
+    with pytest.raises(MegaContextError, match="needs a working-context budget of at least .* nothing was appended"):
+        s.ingest(np.arange(2 * K) % 200)  # crosses the point where the cheapest window no longer fits
+    with pytest.raises(MegaContextError, match="nothing was appended"):
+        s.generate([1, 2], max_new_tokens=2 * K)  # the prompt fits, prompt + generation would not
+    assert s.num_tokens == limit - 5
+    s.ingest([1, 2, 3])  # what fits still goes in
+
+
 # ----------------------------------------------------------------------------- CLI
 @pytest.fixture()
 def history_text(smoke_data) -> str:

@@ -39,7 +39,7 @@ from megacontext.focus.trace import FocusTrace
 from megacontext.modules import Modules
 from megacontext.tree import MegaContextTree
 from megacontext.tree_storage import METADATA_FILE
-from megacontext.working_context import Action, Assembled, WorkingContext, assemble
+from megacontext.working_context import Action, Assembled, WorkingContext, assemble, minimum_cost
 
 SESSION_FILE = "session.json"
 
@@ -148,6 +148,7 @@ class Session:
                 f"token id {int(ids[bad])} at position {bad} of the input is outside the base's vocabulary "
                 f"[0, {self.vocab_size}); nothing was appended"
             )
+        self.check_room(len(ids))
         pos, completed = 0, False
         while pos < len(ids):
             room = self.block_size - (self.num_tokens % self.block_size)
@@ -167,6 +168,20 @@ class Session:
                 progress(len(chunk))
         if completed:
             self.refocus()
+
+    def check_room(self, extra: int) -> None:
+        """MegaContextError, before anything is appended, when the history grown by ``extra``
+        tokens would at some point need a larger working context than the budget (the
+        cheapest tiling peaks just before each block completes)."""
+        K, n, tail = self.block_size, self.num_tokens, self.focus.tail_blocks
+        points = [n + extra, *range((n // K + 1) * K - 1, n + extra, K)]
+        need = max(minimum_cost(t, K, self.levels, tail) for t in points)
+        if need > self.focus.budget:
+            raise MegaContextError(
+                f"{extra} more tokens would grow the history to {n + extra}, which with {self.levels} gist "
+                f"level(s) needs a working-context budget of at least {need}, got {self.focus.budget}: raise "
+                "--budget (focus.budget) or use a tree with more levels; nothing was appended"
+            )
 
     # ---------------------------------------------------------------- refocus
     def assemble(self) -> Assembled:
@@ -245,6 +260,7 @@ class Session:
     ) -> list[int]:
         """Ingest the prompt, then decode greedily (temperature 0) or by sampling."""
         check_sampling(max_new_tokens, temperature)
+        self.check_room(len(prompt_ids) + max_new_tokens)
         self.ingest(prompt_ids)
         stop = set(stop_ids)
         gen = torch.Generator().manual_seed(self.seed)

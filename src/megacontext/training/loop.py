@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 import yaml
 from accelerate import Accelerator
@@ -42,16 +43,26 @@ from megacontext.checkpoint import (
     Checkpoint,
     CheckpointWarning,
     checkpoint_name,
+    list_checkpoints,
     resolve_resume,
     save_checkpoint,
 )
 from megacontext.config import Config, OptimConfig, TrainConfig, derive_seed, dump_yaml
 from megacontext.data import TaskMixture, Window, WindowSampler, prepare_dataset
+from megacontext.data.shards import sha256_file
 from megacontext.data.tasks import TASKS
 from megacontext.errors import MegaContextError
 from megacontext.modules import Modules
 from megacontext.telemetry import Telemetry
-from megacontext.training.labels import LensExample, read_labels, write_labels
+from megacontext.training.labels import (
+    LABELS,
+    SNAPSHOTS,
+    LabelRows,
+    LensExample,
+    Snapshot,
+    read_labels,
+    write_labels,
+)
 from megacontext.training.phases import PHASE_BY_NAME, PHASES, Phase, label_step, lens_examples, lens_step
 from megacontext.training.validation import validate
 
@@ -118,6 +129,7 @@ class TrainState:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per finished phase
     gist_versions: dict[str, str] = field(default_factory=dict)  # phase name -> gist version after it
     telemetry_offsets: dict[str, int] = field(default_factory=dict)
+    labels_sha256: dict[str, str] = field(default_factory=dict)  # label file (relative to the run) -> sha256
 
     def cycle_end_losses(self, plan: list[PhasePlan]) -> list[float]:
         last = {}
@@ -144,7 +156,7 @@ def resolve_run_dir(cfg: Config, out_dir: str | os.PathLike | None, resume: str 
     else:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         run_dir = runs / f"{stamp}-{cfg.fingerprint()[:8]}"
-    if resume is None and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+    if resume is None and list_checkpoints(run_dir / "checkpoints"):  # not: only the temp folder of a killed first save
         raise MegaContextError(f"{run_dir} already holds a training run: add --resume latest, or pick another --out")
     return run_dir
 
@@ -202,13 +214,32 @@ def phase_labels(ctx: Context, plan: PhasePlan, regenerate: bool) -> list[list[L
             ctx.telemetry.advance()
         ctx.telemetry.end_phase()
         write_labels(folder, snapshots, rows)
+        for name in (SNAPSHOTS, LABELS):
+            ctx.state.labels_sha256[str((folder / name).relative_to(ctx.run_dir))] = sha256_file(folder / name)
     ctx.accelerator.wait_for_everyone()
-    snapshots, rows = read_labels(folder)
+    snapshots, rows = _read_labels_checked(ctx, folder)
     by_step: list[list[LensExample]] = [[] for _ in range(label_steps)]
     examples = lens_examples(m, cfg, snapshots, rows)
     for s, e in zip(snapshots, examples):
         by_step[s.step].append(e)
     return by_step
+
+
+def _read_labels_checked(ctx: Context, folder: Path) -> tuple[list[Snapshot], list[LabelRows]]:
+    """:func:`read_labels`, after checking each file against the sha256 recorded when it was
+    written (saved in every later checkpoint): damaged labels are a clear error, never
+    other training data."""
+    before = ctx.run_dir / "checkpoints" / ctx.state.done[-1] if ctx.state.done else None
+    advice = (f"resume from {before} (the checkpoint before this phase), which makes them again" if before
+              else "start the run again")
+    for rel, digest in ctx.state.labels_sha256.items():
+        f = ctx.run_dir / rel
+        if f.parent == folder and f.is_file() and sha256_file(f) != digest:
+            raise MegaContextError(f"focus labels {f} fail their checksum (damaged since they were written): {advice}")
+    try:
+        return read_labels(folder)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, pa.ArrowException, MegaContextError) as e:
+        raise MegaContextError(f"cannot read the focus labels in {folder}: {e}; {advice}") from None
 
 
 def run_phase(ctx: Context, plan: PhasePlan, resume_from: Checkpoint | None) -> None:
