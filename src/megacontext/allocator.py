@@ -146,12 +146,11 @@ class FocusAllocator:
         """The groups with mean score < ``threshold`` in allocator order; ``threshold=None``:
         every group, lowest mean first (the payments, always greedy)."""
         K = wc.block_size
-        if threshold is not None:
-            ok = means < threshold
-            groups, means = groups[ok], means[ok]
         if threshold is None:
             order = np.argsort(means, kind="stable")
         else:
+            ok = means < threshold
+            groups, means = groups[ok], means[ok]
             order = self._order(np.arange(len(groups)), means, descending=False)
         return (((int(arr[groups[g], 0]) + 1, int(arr[groups[g], 1]) // K), float(means[g])) for g in order)
 

@@ -47,13 +47,17 @@ def embedded_base_dir(cfg: Config) -> Path:
     return cfg.artifact_root / "base" / f"embedded-{digest}"
 
 
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     """"auto" -> cuda if available, else mps, else cpu; a named device must exist here (ConfigError)."""
     if str(device) != "auto":
         return _check_device(torch.device(device))
     if torch.cuda.is_available():
         return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+    if _mps_available():
         return torch.device("mps")
     return torch.device("cpu")
 
@@ -70,7 +74,7 @@ def _check_device(dev: torch.device) -> torch.device:
         if dev.index is not None and dev.index >= count:
             raise ConfigError(f"base.device is {str(dev)!r} but only {count} CUDA device(s) are visible: {fix}",
                               key="base.device")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+    if dev.type == "mps" and not _mps_available():
         raise ConfigError(f"base.device is 'mps' but this machine has no usable Apple MPS device: {fix}", key="base.device")
     return dev
 
@@ -115,7 +119,7 @@ class BaseModel:
         param = next(model.parameters())
         self.device = param.device
         self.dtype = param.dtype
-        self.dim = int(model.get_input_embeddings().weight.shape[1])
+        self.vocab_size, self.dim = (int(n) for n in model.get_input_embeddings().weight.shape)  # rows = ids it can embed
         self.max_context = int(max_context or model.config.max_position_embeddings)
         if freeze:
             model.requires_grad_(False)

@@ -19,7 +19,6 @@ through pickle; ``optimizer.pt``/``rng.pt`` are loaded with ``weights_only=True`
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -35,7 +34,7 @@ import torch
 from safetensors.torch import load_file
 
 from megacontext.config import PHASE_NAMES, Config
-from megacontext.durable import fsync_dir
+from megacontext.durable import fsync_dir, sha256_file
 from megacontext.errors import MegaContextError, MegaContextWarning
 from megacontext.weights import load_module, save_module
 
@@ -76,14 +75,6 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 
 # --------------------------------------------------------------------- checksums
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _fsync_tree(folder: Path) -> None:
     for p in sorted(folder.rglob("*")):
         if p.is_file():
@@ -105,7 +96,7 @@ def verify_checkpoint(path: Path) -> None:
         f = path / rel
         if not f.is_file():
             raise CheckpointError(f"checkpoint {path} is missing {rel}")
-        if _sha256(f) != digest:
+        if sha256_file(f) != digest:
             raise CheckpointError(f"checkpoint {path} is corrupted ({rel} fails its checksum)")
 
 
@@ -193,7 +184,7 @@ def _write_files(
     torch.save(rng_state(), folder / "rng.pt")
     (folder / "state.json").write_text(json.dumps(state, indent=1, sort_keys=True))
     (folder / "config.yaml").write_text(config_text)
-    sums = {str(p.relative_to(folder)): _sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+    sums = {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
     (folder / CHECKSUMS).write_text(json.dumps(sums, indent=1, sort_keys=True))
     _fsync_tree(folder)
 

@@ -19,6 +19,15 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read in ``chunk``-byte pieces."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
 def replace_file(path: Path, text: str) -> None:
     """Atomically replace ``path`` with ``text``: write ``<name>.tmp``, fsync, rename, fsync the folder.
 

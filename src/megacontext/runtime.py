@@ -48,11 +48,6 @@ class SessionWarning(MegaContextWarning):
     """A saved session state was damaged and is not used (the history itself is intact)."""
 
 
-def vocab_size(base: BaseModel) -> int:
-    """Token ids the base can embed: rows of its input embedding."""
-    return int(base.model.get_input_embeddings().weight.shape[0])
-
-
 def check_budget(budget: int, base: BaseModel) -> None:
     """MegaContextError when a working context of ``budget`` entries would not fit the base's context."""
     if budget > base.max_context:
@@ -117,7 +112,7 @@ class Session:
 
     def __post_init__(self) -> None:
         self.base = self.modules.base
-        self.vocab_size = vocab_size(self.base)
+        self.vocab_size = self.base.vocab_size
         self.block_size = self.tree.block_size
         self.levels = self.tree.levels
         self.source = TreeSource(self.tree, self.base)
@@ -140,7 +135,14 @@ class Session:
         completed. While decoding (one token per call) that is once per block; a long prompt
         is refocused once, when it is all in — the windows in between are never read, and a
         refocus without the prompt's question in view only spends the budget on guesses.
-        Ids outside the base's vocabulary raise MegaContextError before anything is appended."""
+        Ids outside the base's vocabulary, or a history that would outgrow the budget, raise
+        MegaContextError before anything is appended."""
+        ids = self._checked_ids(ids)
+        self.check_room(len(ids))
+        self._append(ids, progress)
+
+    def _checked_ids(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """``ids`` as int64 [N]; MegaContextError when one is outside the base's vocabulary."""
         ids = np.asarray(ids, dtype=np.int64)
         if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
             bad = int(np.flatnonzero((ids < 0) | (ids >= self.vocab_size))[0])
@@ -148,7 +150,10 @@ class Session:
                 f"token id {int(ids[bad])} at position {bad} of the input is outside the base's vocabulary "
                 f"[0, {self.vocab_size}); nothing was appended"
             )
-        self.check_room(len(ids))
+        return ids
+
+    def _append(self, ids: np.ndarray, progress: Callable[[int], None] | None = None) -> None:
+        """:meth:`ingest` of checked ``ids`` int64 [N]."""
         pos, completed = 0, False
         while pos < len(ids):
             room = self.block_size - (self.num_tokens % self.block_size)
@@ -260,8 +265,9 @@ class Session:
     ) -> list[int]:
         """Ingest the prompt, then decode greedily (temperature 0) or by sampling."""
         check_sampling(max_new_tokens, temperature)
-        self.check_room(len(prompt_ids) + max_new_tokens)
-        self.ingest(prompt_ids)
+        prompt = self._checked_ids(prompt_ids)
+        self.check_room(len(prompt) + max_new_tokens)  # covers every token appended below
+        self._append(prompt)
         stop = set(stop_ids)
         gen = torch.Generator().manual_seed(self.seed)
         out: list[int] = []
@@ -273,7 +279,7 @@ class Session:
             else:
                 tok = int(torch.argmax(logits))
             out.append(tok)
-            self.ingest([tok])
+            self._append(np.array([tok], dtype=np.int64))  # the base's own token: in its vocabulary
             if tok in stop:
                 break
         return out
@@ -353,7 +359,7 @@ def open_or_create_tree(cfg: Config, modules: Modules, path: Path, create: bool)
     tok_hash = tokenizer_hash(base.tokenizer)[:16]  # the short form trees store
     if not create or (path / METADATA_FILE).exists():  # (what a killed create leaves is created over)
         with MegaContextTree.open(path, expect_model=base.name, expect_tokenizer=tok_hash) as reader:
-            _check_tree(cfg, reader, vocab_size(base))  # read-only, before a new gister's refresh reads every id
+            _check_tree(cfg, reader, base.vocab_size)  # read-only, before a new gister's refresh reads every id
         return MegaContextTree.open(path, gister, expect_model=base.name, expect_tokenizer=tok_hash)
     return MegaContextTree.create_disk(
         path,

@@ -136,10 +136,9 @@ def _print_table(run) -> None:
 
 def make_report(cfg, run_dir: Path) -> Path:
     """report.md for ``run_dir`` (the level-of-detail session uses the run's modules)."""
-    from megacontext.eval.report import ReportInputs, session_trace_for_run, write_report
+    from megacontext.eval.report import ReportInputs, session_traces_for_run, write_report
 
-    trace, problem = session_trace_for_run(cfg, run_dir)
-    passkey, _ = session_trace_for_run(cfg, run_dir, passkey=True)
+    trace, passkey, problem = session_traces_for_run(cfg, run_dir)
     return write_report(run_dir, ReportInputs.from_run(run_dir, trace, problem, passkey), cfg.tree.levels)
 
 

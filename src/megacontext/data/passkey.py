@@ -125,9 +125,7 @@ def make_passkey(
     spread: int = 0,
 ) -> PasskeyExample:
     """A passkey prompt of exactly ``total_tokens`` tokens with the needle at ``depth``
-    (give or take ``spread // 2`` tokens, see :func:`depth_cut`)."""
-    if not 0.0 <= depth <= 1.0:
-        raise DataError(f"passkey depth must be in [0, 1], got {depth}")
+    (give or take ``spread // 2`` tokens, see :func:`depth_cut`, which checks ``depth``)."""
     key, needle, question, answer = _parts(rng, tokenizer, template)
     prompt, pos = _assemble(rng, filler_docs, total_tokens, depth, needle, question, spread)
     return PasskeyExample(prompt, np.asarray(answer, dtype=np.int64), key, depth, pos)

@@ -32,10 +32,10 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from megacontext.config import Config
-from megacontext.data.shards import ShardWriter, check_shard, read_shard, sha256_file
+from megacontext.data.shards import ShardWriter, check_shard, read_shard
 from megacontext.data.sources import Document, Source, parse_source, source_fingerprint, source_identity
 from megacontext.data.tokenizer import encode_batch, load_hf_tokenizer, tokenizer_hash, train_bpe
-from megacontext.durable import checksum_ok, with_checksum
+from megacontext.durable import checksum_ok, sha256_file, with_checksum
 from megacontext.errors import DataError
 
 FORMAT_VERSION = 1

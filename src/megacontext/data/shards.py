@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from megacontext.durable import sha256_file
 from megacontext.errors import DataError
 
 SCHEMA = pa.schema([("doc_id", pa.string()), ("tokens", pa.list_(pa.uint32()))])
@@ -28,14 +29,6 @@ class ShardInfo:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_shard(root: Path, rel: str, doc_ids: list[str], docs: list[np.ndarray]) -> ShardInfo:

@@ -88,16 +88,17 @@ class ReportInputs:
         return out
 
 
-def session_trace_for_run(
-    cfg: Config, run_dir: Path, tokens: int | None = None, passkey: bool = False
-) -> tuple[SessionTrace | None, str]:
-    """A session over the longest test document with the run's trained modules.
+def session_traces_for_run(
+    cfg: Config, run_dir: Path, tokens: int | None = None
+) -> tuple[SessionTrace | None, SessionTrace | None, str]:
+    """(code trace, passkey trace, "") with the run's trained modules, loaded once; or
+    (None, None, why not).
 
-    ``tokens`` (default 16x focus.budget) caps the history; when the longest document is
-    shorter, the next longest ones are appended. ``passkey``: instead, an evaluation passkey
-    prompt of that length (needle at depth 0.3) ingested at once and refocused
-    ``train.focus_rounds`` more times, as the passkey grid runs it; ``trace.marker`` is the
-    needle. Returns (trace, "") or (None, why not).
+    The code trace: a session over the longest test document; ``tokens`` (default 16x
+    focus.budget) caps the history, and when the longest document is shorter, the next
+    longest ones are appended. The passkey trace: an evaluation passkey prompt of that
+    length (needle at depth 0.3) ingested at once and refocused ``train.focus_rounds`` more
+    times, as the passkey grid runs it; ``trace.marker`` is the needle.
     """
     from megacontext.data import make_passkey, prepare_dataset
     from megacontext.eval.timing import trace_session
@@ -108,23 +109,22 @@ def session_trace_for_run(
         mods = Modules.load(cfg, str(run_dir))
         docs = prepare_dataset(cfg, progress=False).documents("test")
     except MegaContextError as e:
-        return None, str(e)
+        return None, None, str(e)
     if not docs:
-        return None, "the test split has no documents"
+        return None, None, "the test split has no documents"
     settings = FocusSettings.from_config(cfg, greedy=True)
     n = tokens or 16 * cfg.focus.budget
-    if passkey:
-        ex = make_passkey(np.random.default_rng(cfg.seed), mods.base.tokenizer, docs, n, 0.3)
-        trace = trace_session(mods, settings, ex.prompt, cfg.seed, chunk=len(ex.prompt), final_rounds=settings.rounds)
-        trace.marker = ex.needle_pos
-        return trace, ""
     pieces, have = [], 0
     for doc in sorted(docs, key=len, reverse=True):
         if have >= n:
             break
         pieces.append(np.asarray(doc[: n - have], dtype=np.int64))
         have += len(pieces[-1])
-    return trace_session(mods, settings, np.concatenate(pieces), cfg.seed), ""
+    code = trace_session(mods, settings, np.concatenate(pieces), cfg.seed)
+    ex = make_passkey(np.random.default_rng(cfg.seed), mods.base.tokenizer, docs, n, 0.3)
+    passkey = trace_session(mods, settings, ex.prompt, cfg.seed, chunk=len(ex.prompt), final_rounds=settings.rounds)
+    passkey.marker = ex.needle_pos
+    return code, passkey, ""
 
 
 # ------------------------------------------------------------------------------ plots

@@ -49,8 +49,8 @@ from megacontext.checkpoint import (
 )
 from megacontext.config import Config, OptimConfig, TrainConfig, derive_seed, dump_yaml
 from megacontext.data import TaskMixture, Window, WindowSampler, prepare_dataset
-from megacontext.data.shards import sha256_file
 from megacontext.data.tasks import TASKS
+from megacontext.durable import sha256_file
 from megacontext.errors import MegaContextError
 from megacontext.modules import Modules
 from megacontext.telemetry import Telemetry
