@@ -23,7 +23,7 @@ FLOORS = [
     {"modules"},
     {"focus"},
     {"telemetry", "runtime"},
-    {"training", "eval"},
+    {"training", "eval", "api"},
     {"cli"},
     {"__main__"},
 ]

@@ -2,7 +2,11 @@
 
 The working context is a ``[W, d]`` tensor of token embeddings and gists, so the base is
 always called with embeddings and explicit ``position_ids``; this adapter hides device,
-dtype, padding and the attention-mask details. ``self.model`` may be replaced (e.g. by a
+dtype, padding and the attention-mask details. A model whose ``forward`` takes no
+``inputs_embeds`` / ``position_ids`` is refused with a message naming its class. Rotary
+(Llama, Qwen2, GPT-NeoX, Phi) and learned absolute positions (GPT-2, OPT) both work; with a
+learned position table, ``max_context`` is at most its size and a position past it is a
+MegaContextError instead of an index error deep inside the model. ``self.model`` may be replaced (e.g. by a
 peft-wrapped model): every call goes through ``self.model`` and its
 ``get_input_embeddings()``, so LoRA adapters on the embeddings apply to :meth:`embed`.
 """
@@ -10,6 +14,7 @@ peft-wrapped model): every call goes through ``self.model`` and its
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +29,8 @@ EMBEDDED_RECIPE_VERSION = 1  # bump when pretrain_base changes what it produces
 COMPLETE_MARKER = "pretrain_summary.json"  # written last into an embedded base directory
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+NEEDED_INPUTS = ("inputs_embeds", "position_ids", "attention_mask")  # what BaseModel.forward passes by name
+POSITION_TABLES = ("wpe", "embed_positions", "position_embeddings")  # learned absolute positions (GPT-2, OPT, ...)
 
 
 def embedded_base_dir(cfg: Config) -> Path:
@@ -98,6 +105,51 @@ def _looks_like_path(name: str) -> bool:
     return p.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1 or p.exists()
 
 
+def check_supported(model: torch.nn.Module) -> None:
+    """MegaContextError, naming the model's class, unless it can be driven by embeddings at explicit positions."""
+    name = type(model).__name__
+    params = inspect.signature(model.forward).parameters
+    missing = [p for p in NEEDED_INPUTS if p not in params]
+    if missing:
+        raise MegaContextError(
+            f"{name} cannot be a MegaContext base: its forward() takes no {', '.join(missing)} (the working "
+            "context is fed as embeddings at explicit positions); use a causal LM that accepts inputs_embeds "
+            "and position_ids (Llama, Qwen2, GPT-NeoX, GPT-2, ...)"
+        )
+    try:
+        emb = model.get_input_embeddings()
+    except NotImplementedError:
+        emb = None
+    if not isinstance(getattr(emb, "weight", None), torch.Tensor):
+        raise MegaContextError(f"{name} cannot be a MegaContext base: it exposes no input embedding table "
+                               "(get_input_embeddings())")
+
+
+def learned_positions(model: torch.nn.Module) -> int | None:
+    """How many positions a model with a learned absolute position table can read (None:
+    rotary, ALiBi or other positions without a fixed table)."""
+    inputs = model.get_input_embeddings()
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Embedding) and mod is not inputs and name.rsplit(".", 1)[-1] in POSITION_TABLES:
+            return int(mod.num_embeddings) - int(getattr(mod, "offset", 0))  # OPT's table starts at offset 2
+    return None
+
+
+def _max_context(model: torch.nn.Module, max_context: int | None, table: int | None) -> int:
+    """The context the base may attend to: ``max_context``, else the model config's; never past a learned table."""
+    name = type(model).__name__
+    configured = getattr(model.config, "max_position_embeddings", None) or table
+    n = int(max_context or configured or 0)
+    if n <= 0:
+        raise MegaContextError(f"{name} does not say how long its context is: set base.max_context")
+    if table is not None and n > table:
+        raise MegaContextError(
+            f"base.max_context {n} is more than the {table} positions {name} has learned (its absolute position "
+            f"table): set base.max_context to at most {table}"
+        )
+    return n
+
+
 class BaseModel:
     """A frozen HF causal LM: embeddings in, logits out.
 
@@ -113,14 +165,17 @@ class BaseModel:
         max_context: int | None = None,
         freeze: bool = True,
     ) -> None:
+        check_supported(model)
         self.model = model
+        self.model_class = type(model).__name__  # (self.model may become a peft wrapper)
         self.tokenizer = tokenizer
         self.name = name
         param = next(model.parameters())
         self.device = param.device
         self.dtype = param.dtype
         self.vocab_size, self.dim = (int(n) for n in model.get_input_embeddings().weight.shape)  # rows = ids it can embed
-        self.max_context = int(max_context or model.config.max_position_embeddings)
+        self.position_limit = learned_positions(model)  # None unless positions come from a learned table
+        self.max_context = _max_context(model, max_context, self.position_limit)
         if freeze:
             model.requires_grad_(False)
             model.eval()
@@ -151,6 +206,7 @@ class BaseModel:
                 source, dtype=torch_dtype, attn_implementation=attn_implementation
             )
             tokenizer = AutoTokenizer.from_pretrained(source)
+            tokenizer.model_max_length = max(tokenizer.model_max_length or 0, 1 << 30)  # histories are long by design
         except (OSError, ValueError) as e:
             detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             if is_path:
@@ -199,6 +255,8 @@ class BaseModel:
         as ``.cache`` (transformers 5; ``.past_key_values`` is its deprecated alias).
         """
         B, T, _ = inputs_embeds.shape
+        if self.position_limit is not None:
+            self._check_positions(position_ids)
         if attention_mask is None:
             past = past_key_values.get_seq_length() if past_key_values is not None else 0
             attention_mask = torch.ones(B, past + T, dtype=torch.long, device=self.device)
@@ -209,6 +267,16 @@ class BaseModel:
             cache=past_key_values,
             use_cache=use_cache,
         )
+
+    def _check_positions(self, position_ids: torch.Tensor) -> None:
+        """MegaContextError when a position is past the learned position table (``[B, T]``)."""
+        top = int(position_ids.max()) if position_ids.numel() else 0
+        if top >= self.position_limit:
+            raise MegaContextError(
+                f"position {top} is past the {self.position_limit} positions {self.model_class} has learned: "
+                "with learned absolute positions use focus.position_mode=compact and a budget plus horizon "
+                f"within base.max_context ({self.max_context})"
+            )
 
     def forward_padded(
         self, embeds: Sequence[torch.Tensor], positions: Sequence[torch.Tensor]

@@ -34,13 +34,47 @@ OWNERS = ("gistnet", "lensnet", "lora")
 ABLATIONS = OWNERS  # ``eval --ablate``: an untrained module (gistnet, lensnet) or no adapter (lora)
 
 
+ATTENTION_NAMES = re.compile(r"attn|attention", re.IGNORECASE)  # self_attn, attn, attention, self_attention
+
+
+def decoder_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+    """(full name, list) of the model's decoder blocks, e.g. ``model.layers`` (Llama, Qwen2, Phi),
+    ``transformer.h`` (GPT-2), ``gpt_neox.layers``: the outermost ModuleList of
+    ``config.num_hidden_layers`` entries (the longest one when the config does not say)."""
+    lists = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, torch.nn.ModuleList) and len(mod)]
+    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    exact = [item for item in lists if len(item[1]) == n_layers]
+    if exact:
+        return min(exact, key=lambda item: item[0].count("."))
+    if not lists:
+        raise MegaContextError(f"cannot place LoRA adapters: found no list of decoder blocks in {type(model).__name__}")
+    return max(lists, key=lambda item: (len(item[1]), -item[0].count(".")))
+
+
+def _projections(block: torch.nn.Module) -> list[str]:
+    """Names (inside ``block``) of the linear layers of its attention module: q/k/v/o, or a fused qkv + output."""
+    from transformers.pytorch_utils import Conv1D
+
+    attention = [name for name, mod in block.named_children() if ATTENTION_NAMES.search(name)]
+    return [
+        f"{att}.{name}"
+        for att in attention
+        for name, mod in block.get_submodule(att).named_modules()
+        if name and isinstance(mod, (torch.nn.Linear, Conv1D))
+    ]
+
+
 def lora_targets(model: torch.nn.Module, cfg: LoraConfig) -> list[str]:
-    """Full names of the q/k/v/o projections of the first or last two decoder blocks
-    (plus the input embedding when ``cfg.embeddings``)."""
-    pattern = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|o_proj)$")
-    found = [(int(m.group(1)), name) for name, _ in model.named_modules() if (m := pattern.search(name))]
+    """Full names of the attention projections of the first or last two decoder blocks (plus the
+    input embedding when ``cfg.embeddings``): q/k/v/o_proj in Llama or Qwen2, c_attn/c_proj in
+    GPT-2, query_key_value/dense in GPT-NeoX."""
+    prefix, blocks = decoder_blocks(model)
+    found = [(i, f"{prefix}.{i}.{name}") for i, block in enumerate(blocks) for name in _projections(block)]
     if not found:
-        raise MegaContextError(f"cannot place LoRA adapters: no layers.N.self_attn.q/k/v/o_proj in {type(model).__name__}")
+        raise MegaContextError(
+            f"cannot place LoRA adapters: no linear layers in an attention module (a child named *attn* or "
+            f"*attention*) of the blocks {prefix}.N of {type(model).__name__}"
+        )
     layers = sorted({i for i, _ in found})
     chosen = set(layers[:2] if cfg.blocks == "first" else layers[-2:])
     targets = [name for i, name in found if i in chosen]
@@ -48,6 +82,13 @@ def lora_targets(model: torch.nn.Module, cfg: LoraConfig) -> list[str]:
         emb = model.get_input_embeddings()
         targets += [name for name, mod in model.named_modules() if mod is emb]
     return targets
+
+
+def _fan_in_fan_out(model: torch.nn.Module, targets: list[str]) -> bool:
+    """GPT-2 style Conv1D projections store their weight transposed (peft's fan_in_fan_out)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return any(isinstance(model.get_submodule(t), Conv1D) for t in targets)
 
 
 @contextmanager
@@ -69,8 +110,13 @@ def attach_lora(base: BaseModel, cfg: LoraConfig):
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
+    targets = lora_targets(base.model, cfg)
     peft_cfg = PeftLoraConfig(
-        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=lora_targets(base.model, cfg)
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=targets,
+        fan_in_fan_out=_fan_in_fan_out(base.model, targets),
     )
     with _quiet_peft():
         return get_peft_model(base.model, peft_cfg)

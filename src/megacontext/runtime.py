@@ -20,7 +20,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +37,7 @@ from megacontext.focus.policies import refocus
 from megacontext.focus.source import TreeSource
 from megacontext.focus.trace import FocusTrace
 from megacontext.modules import Modules
-from megacontext.tree import MegaContextTree
+from megacontext.tree import CHUNK_TOKENS, MegaContextTree
 from megacontext.tree_storage import METADATA_FILE
 from megacontext.working_context import Action, Assembled, WorkingContext, assemble, minimum_cost
 
@@ -174,6 +174,40 @@ class Session:
         if completed:
             self.refocus()
 
+    def ingest_bulk(
+        self, ids: Sequence[int] | np.ndarray, progress: Callable[[int], None] | None = None, chunk: int = CHUNK_TOKENS
+    ) -> None:
+        """:meth:`ingest` for long inputs: ``chunk`` tokens per tree append (one disk commit
+        each, not one per block), the window extended once at the end (over whatever was
+        committed, even when an append fails), then one refocus if a block completed.
+        ``progress(n)`` after each chunk. The same checks as :meth:`ingest`, before anything
+        is appended."""
+        ids = self._checked_ids(ids)
+        self.check_room(len(ids))
+        before = self.num_tokens
+        try:
+            for i in range(0, len(ids), chunk):
+                self.tree.append(ids[i : i + chunk])
+                if progress is not None:
+                    progress(min(chunk, len(ids) - i))
+        finally:
+            self._extend_window()
+        if self.num_tokens // self.block_size > before // self.block_size:
+            self.refocus()
+
+    def _extend_window(self) -> None:
+        """Bring the window up to the tree's history (forced collapses recorded; cache reset when it changed)."""
+        n = self.num_tokens
+        if self.wc is None:
+            if n > 0:
+                self.wc = self._initial_wc(n)
+                self._cache = _Cache()
+        elif n > self.wc.num_tokens:
+            forced = self.wc.extend(n)
+            if forced:
+                self.forced.extend(forced)
+                self._cache = _Cache()
+
     def check_room(self, extra: int) -> None:
         """MegaContextError, before anything is appended, when the history grown by ``extra``
         tokens would at some point need a larger working context than the budget (the
@@ -237,7 +271,7 @@ class Session:
             out = self.base.forward(
                 window.embeds[None], window.position_ids[None].to(self.base.device), use_cache=True
             )
-            self._cache = _Cache(out.past_key_values, W, window.next_position)
+            self._cache = _Cache(out.cache, W, window.next_position)
         elif self._cache.length < W:
             # Only raw tokens were appended since the cache was built (no edits).
             n_new = W - self._cache.length
@@ -248,14 +282,13 @@ class Session:
             if self.focus.position_mode == "absolute":
                 pids = pos
             out = self.base.forward(emb[None], pids[None], past_key_values=self._cache.past, use_cache=True)
-            self._cache = _Cache(out.past_key_values, W, int(pids[-1]) + 1)
+            self._cache = _Cache(out.cache, W, int(pids[-1]) + 1)
         else:
             raise RuntimeError("next_logits called twice without a new token")  # internal misuse
         self.base_forward_ms.append(1e3 * (time.perf_counter() - t0))
         self._last_logits = out.logits[0, -1].float()
         return self._last_logits
 
-    @torch.no_grad()
     def generate(
         self,
         prompt_ids: Sequence[int],
@@ -264,13 +297,29 @@ class Session:
         stop_ids: Iterable[int] = (),
     ) -> list[int]:
         """Ingest the prompt, then decode greedily (temperature 0) or by sampling."""
+        return list(self.stream(prompt_ids, max_new_tokens, temperature, stop_ids))
+
+    def stream(
+        self,
+        prompt_ids: Sequence[int],
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        stop_ids: Iterable[int] = (),
+    ) -> Iterator[int]:
+        """:meth:`generate` one token at a time. The checks and the prompt's ingest happen
+        at the call (MegaContextError before any change); each token is decoded, and
+        appended to the history, when the iterator is advanced. A stop id ends it after
+        that token."""
         check_sampling(max_new_tokens, temperature)
         prompt = self._checked_ids(prompt_ids)
         self.check_room(len(prompt) + max_new_tokens)  # covers every token appended below
-        self._append(prompt)
-        stop = set(stop_ids)
+        with torch.no_grad():
+            self._append(prompt)
+        return self._decode(max_new_tokens, temperature, frozenset(stop_ids))
+
+    @torch.no_grad()
+    def _decode(self, max_new_tokens: int, temperature: float, stop: frozenset[int]) -> Iterator[int]:
         gen = torch.Generator().manual_seed(self.seed)
-        out: list[int] = []
         for _ in range(max_new_tokens):
             logits = self.next_logits()
             if temperature > 0:
@@ -278,11 +327,10 @@ class Session:
                 tok = int(torch.multinomial(probs, 1, generator=gen))
             else:
                 tok = int(torch.argmax(logits))
-            out.append(tok)
             self._append(np.array([tok], dtype=np.int64))  # the base's own token: in its vocabulary
+            yield tok
             if tok in stop:
-                break
-        return out
+                return
 
     # ---------------------------------------------------------------- summary
     def window_summary(self) -> dict:

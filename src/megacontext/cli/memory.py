@@ -76,62 +76,26 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from megacontext.modules import Modules
-    from megacontext.runtime import open_or_create_tree
+    from megacontext.api import MegaContext
 
-    modules = Modules.load(cfg, args.checkpoint)
-    ckpt = modules.checkpoint
-    ids = modules.base.tokenizer.encode(text, add_special_tokens=False)
-    path = Path(args.tree)
-    tree = open_or_create_tree(cfg, modules, path, create=True)
-    before = tree.num_tokens
-    chunk = 8192
-    try:
+    mc = MegaContext.load(cfg, args.checkpoint)
+    ids = mc.encode(text)
+    with mc.session(args.tree) as session:  # an interrupted or failing append says what the tree kept
+        before = session.num_tokens
         with tqdm(total=len(ids), unit="tok", desc="ingest", disable=not sys.stderr.isatty()) as bar:
-            for i in range(0, len(ids), chunk):
-                tree.append(ids[i : i + chunk])
-                bar.update(min(chunk, len(ids) - i))
-    except KeyboardInterrupt:
-        tree.close()
-        raise KeyboardInterrupt(_kept(path, before, len(ids))) from None
-    except OSError as e:
-        tree.close()
-        where = f" ({e.filename})" if e.filename else ""
-        raise MegaContextError(f"{e.strerror or e}{where}: {_kept(path, before, len(ids))}") from None
-    n = tree.num_tokens
-    counts = {str(k): tree.num_nodes(k) for k in range(1, tree.levels + 1)}
-    tree.close()
+            session.append(ids, progress=bar.update)
+        info = session.tree_info()
     print(
-        f"ingested {len(ids)} tokens into {args.tree} (history {before} -> {n} tokens; "
-        f"gists per level {counts}; modules: {ckpt or 'untrained'})"
+        f"ingested {len(ids)} tokens into {args.tree} (history {before} -> {info.tokens} tokens; "
+        f"gists per level {info.nodes_per_level}; modules: {mc.checkpoint or 'untrained'})"
     )
     return 0
 
 
-def _kept(path: Path, before: int, new: int) -> str:
-    """What an interrupted ingest left: the committed history, read back from disk."""
-    from megacontext.tree import MegaContextTree
-
-    with MegaContextTree.open(path) as tree:
-        n = tree.num_tokens
-    return (
-        f"the tree {path} keeps {n} tokens ({n - before} of the {new} new ones were committed, "
-        f"the rest were not ingested)"
-    )
-
-
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from megacontext.tree import MegaContextTree
+    from megacontext.api import inspect_tree
 
-    tree = MegaContextTree.open(Path(args.tree))
-    info = {
-        "tokens": tree.num_tokens,
-        "nodes_per_level": {str(k): tree.num_nodes(k) for k in range(1, tree.levels + 1)},
-        "gist_version": tree.gist_version,
-        "bytes_on_disk": tree.bytes_on_disk,
-        "max_token_id": tree.max_token(),
-    }
-    tree.close()
+    info = inspect_tree(args.tree).to_dict()
     if args.json:
         print(json.dumps(info))
     else:
@@ -153,26 +117,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     extra = [f"focus.budget={args.budget}"] if args.budget is not None else []
     cfg = load_args_config(args, extra)  # first: it may switch the hub to offline mode before the imports below
 
-    from megacontext.modules import Modules
-    from megacontext.runtime import Session, check_budget, check_sampling, open_or_create_tree
+    from megacontext.api import MegaContext
+    from megacontext.runtime import check_sampling
 
-    check_sampling(args.max_new_tokens, args.temperature)
+    check_sampling(args.max_new_tokens, args.temperature)  # before the model loads
     if not Path(args.tree).exists():
         raise MegaContextError(f"no tree at {args.tree}: create one with `megacontext ingest --tree {args.tree} --input FILE`")
-    modules = Modules.load(cfg, args.checkpoint)
-    base, ckpt = modules.base, modules.checkpoint
-    check_budget(cfg.focus.budget, base)
-    tree = open_or_create_tree(cfg, modules, Path(args.tree), create=False)
-    try:
-        session = Session(modules, tree, cfg.focus, seed=cfg.seed)
-        session.restore_focus()
-        prompt_ids = base.tokenizer.encode(args.prompt, add_special_tokens=False)
-        out_ids = session.generate(prompt_ids, args.max_new_tokens, temperature=args.temperature)
-        session.save()
-        summary = session.window_summary()
-    finally:
-        tree.close()
-    text = base.tokenizer.decode(out_ids)
+    mc = MegaContext.load(cfg, args.checkpoint)
+    with mc.session(args.tree, budget=cfg.focus.budget, create=False) as session:  # budget checked before the tree opens
+        text = session.generate(args.prompt, args.max_new_tokens, temperature=args.temperature)
+        summary = session.window().summary()
     if args.json:
         print(json.dumps({"text": text, **summary}))
     else:
@@ -181,7 +135,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             f"\n[window: cost {summary['cost']}/{summary['budget']}, entries per level "
             f"{summary['entries_per_level']}, covers {summary['covered_tokens']}/"
             f"{summary['history_tokens']} tokens, {summary['refocuses']} refocuses, "
-            f"{summary['actions']} actions; modules: {ckpt or 'untrained'}]",
+            f"{summary['actions']} actions; modules: {mc.checkpoint or 'untrained'}]",
             file=sys.stderr,
         )
     return 0

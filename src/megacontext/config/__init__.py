@@ -9,6 +9,7 @@ randomness is seeded; ``Config.data_root`` / ``artifact_root`` the one place pat
 from megacontext.config.loading import (
     ENV_VARS,
     REPO_CONFIG_DIR,
+    apply_overrides,
     derive_seed,
     load_config,
     parse_overrides,
@@ -22,6 +23,7 @@ from megacontext.config.schema import __all__ as _schema_names
 __all__ = [
     "ENV_VARS",
     "REPO_CONFIG_DIR",
+    "apply_overrides",
     "derive_seed",
     "load_config",
     "parse_overrides",

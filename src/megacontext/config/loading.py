@@ -15,6 +15,7 @@ This module is also the one place that resolves paths and seeds randomness.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -217,9 +218,21 @@ def load_config(
             _set_dotted(cfg, dotted, env[var], f"environment variable {var}")
     if env.get("WANDB_MODE") in ("online", "offline"):
         cfg.wandb.mode = env["WANDB_MODE"]  # type: ignore[assignment]
+    return _finish(cfg, overrides, "command line")
+
+
+def apply_overrides(
+    cfg: Config, overrides: Sequence[str] | Sequence[tuple[str, Any]], where: str = "overrides"
+) -> Config:
+    """A validated copy of ``cfg`` with ``section.key=value`` overrides applied (``cfg`` is unchanged)."""
+    return _finish(copy.deepcopy(cfg), overrides, where)
+
+
+def _finish(cfg: Config, overrides: Sequence[str] | Sequence[tuple[str, Any]], where: str) -> Config:
+    """Apply the overrides, validate, resolve the two roots."""
     pairs = parse_overrides(overrides) if overrides and isinstance(overrides[0], str) else overrides
     for k, v in pairs:  # type: ignore[misc]
-        _set_dotted(cfg, k, v, "command line")
+        _set_dotted(cfg, k, v, where)
     validate(cfg)
     for key in ("data_root", "artifact_root"):
         folder = Path(getattr(cfg.paths, key)).expanduser().resolve()
