@@ -24,6 +24,7 @@ from megacontext.eval.results import (
     RESULT_KEYS,
     TIMING_KEYS,
     delta_standard_errors,
+    format_table,
     gap_closed,
 )
 from megacontext.focus.horizon import raw_prefix
@@ -86,6 +87,29 @@ def test_eval_json_has_exactly_the_schema(eval_run, smoke_cfg):
         assert all(r["n_windows"] == smoke_cfg.eval.oracle_windows for r in rows.values())
         assert rows["uniform_gists"]["delta_vs_uniform_gists"] == 0
     assert "oracle_focus" not in {r["policy"] for r in data["results"] + data["passkey"] + data["multikey"]}
+
+
+def test_gist_value_rows_are_paired_differences_on_one_curve(eval_run, smoke_cfg):
+    """won_back / displaced_value are differences of the recency curve and uniform_gists
+    on the same windows; the curve starts at the budget and falls one block at a time."""
+    rows = eval_run.json["gists"]
+    assert [r["budget"] for r in rows] == BUDGETS
+    K = smoke_cfg.tree.block_size
+    for r in rows:
+        assert r["n_windows"] == smoke_cfg.eval.gist_windows
+        assert r["raw_tokens"] + r["gist_entries"] <= r["budget"] and r["gist_entries"] > 0
+        curve = {c["raw_tokens"]: c["loss_at_h"] for c in r["curve"]}
+        assert max(curve) == r["budget"] and sorted(curve) == sorted(r["budget"] - K * k for k in range(len(curve)))
+        assert r["recency_at_budget"] == pytest.approx(curve[r["budget"]])
+        assert r["displaced_value"] == pytest.approx(r["recency_at_raw"] - r["recency_at_budget"], abs=1e-9)
+        assert r["won_back"] == pytest.approx(r["recency_at_raw"] - r["uniform_gists"], abs=1e-9)
+        assert r["target_margin"] == pytest.approx(r["won_back"] - r["displaced_value"] / 2, abs=1e-9)
+        pm = r["position_modes"]
+        assert pm[smoke_cfg.focus.position_mode] == pytest.approx(r["uniform_gists"])
+        assert pm["absolute_minus_compact"] == pytest.approx(pm["absolute"] - pm["compact"], abs=1e-9)
+    rec = eval_run.json["reconstruction"]
+    assert 0 <= rec["top1"] <= 1 and rec["gain"] == pytest.approx(rec["blank_nll"] - rec["nll"], abs=1e-6)
+    assert "gists at W=" in format_table(eval_run.json) and "reconstruction from LOD1 gists" in format_table(eval_run.json)
 
 
 def test_every_policy_evaluated_on_the_same_windows(eval_run, smoke_cfg):

@@ -142,6 +142,32 @@ def test_phase_lowers_its_loss_and_changes_only_its_module(phase, modules, smoke
     assert changed == {owner}, f"{phase} changed {changed}"
 
 
+@pytest.mark.parametrize("phase,key", [("warm_gist", "gist"), ("jt3", "lora")])
+def test_reconstruction_term_falls_and_moves_only_its_owner(phase, key, modules, smoke_cfg, windows):
+    """The reconstruction term alone (weight 1, other terms still computed): GistNet learns
+    to write blocks into gists in warm_gist, the LoRA to read them in JT3."""
+    section = getattr(smoke_cfg.train, key)  # train.gist / train.lora .reconstruction_weight
+    cfg = dataclasses.replace(smoke_cfg, train=dataclasses.replace(smoke_cfg.train, **{
+        key: dataclasses.replace(section, reconstruction_weight=1.0)}))
+    m, owner = modules, PHASE_BY_NAME[phase].owner
+    m.set_trainable(owner)
+    before = _params(m)
+    opt = torch.optim.AdamW(m.parameters_of(owner), lr=3e-3)
+    recon = []
+    for _ in range(6):
+        opt.zero_grad(set_to_none=True)
+        out = PHASE_BY_NAME[phase].step(m, cfg, windows, np.random.default_rng(0))
+        out.loss.backward()
+        opt.step()
+        recon.append(out.metrics["reconstruction"])
+    m.set_trainable(None)
+    assert recon[-1] < recon[0], recon
+    assert {"reconstruction_gain", "reconstruction_top1"} <= set(out.metrics)
+    after = _params(m)
+    changed = {k[0] for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {owner}, changed
+
+
 # --------------------------------------------------------------------- whole runs
 @pytest.fixture(scope="module")
 def run_a(smoke_roots, smoke_base, tmp_path_factory):

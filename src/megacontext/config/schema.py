@@ -161,6 +161,7 @@ class LoraConfig:
     blocks: Literal["first", "last"] = "last"  # which two blocks get attention adapters
     embeddings: bool = True  # adapter on the input embeddings
     keepalive_weight: float = 0.1  # JT3: KL to the adapter-free reference, next to NLL@H
+    reconstruction_weight: float = 0.0  # JT3: + this x NLL of blocks the adapted base reconstructs from gists
 
 
 @dataclass
@@ -197,6 +198,9 @@ class GistObjectiveConfig:
 
     substitutability: Literal["kl", "dnll"] = "kl"
     contrastive_weight: float = 0.0
+    initial_assembly: float = 0.0  # warm_gist: share of windows read as the initial assembly (else random spans)
+    reconstruction_weight: float = 0.0  # warm_gist: + this x NLL of blocks the base reconstructs from their gists
+    reconstruction_blocks: int = 8  # random complete blocks per window for that term
 
 
 @dataclass
@@ -302,6 +306,7 @@ class EvalConfig:
     multikey_lengths: list[int] = field(default_factory=lambda: [4096])
     multikey_trials: int = 8
     oracle_windows: int = 16  # windows of the oracle_focus ceiling (0: none); it costs a counterfactual search each
+    gist_windows: int = 128  # windows of the gist-value panel (recency vs uniform_gists, paired; 0: none)
 
 
 @dataclass

@@ -10,7 +10,7 @@ from megacontext.data.passkey import (
     make_passkey,
 )
 from megacontext.data.prepare import SPLITS, PreparedDataset, dataset_dir, load_base_tokenizer, prepare_dataset
-from megacontext.data.sampler import Window, WindowSampler
+from megacontext.data.sampler import Window, WindowSampler, sample_blocks
 from megacontext.data.tasks import TaskMixture
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "TaskMixture",
     "Window",
     "WindowSampler",
+    "sample_blocks",
     "dataset_dir",
     "load_base_tokenizer",
     "make_multikey",

@@ -83,3 +83,15 @@ class WindowSampler:
         """``batch_size`` windows, a pure function of (seed, step) — resume-safe."""
         rng = np.random.default_rng(derive_seed(self.seed, "windows", step))
         return [self.sample(rng) for _ in range(batch_size)]
+
+
+def sample_blocks(histories: Sequence[np.ndarray], block_size: int, per_history: int,
+                  rng: np.random.Generator) -> np.ndarray:
+    """Token ids int64 ``[N, K]``: up to ``per_history`` random complete blocks of each
+    history (block-aligned from its start), in order."""
+    rows = []
+    for h in histories:
+        n = len(h) // block_size
+        pick = np.sort(rng.choice(n, size=min(per_history, n), replace=False))
+        rows.append(np.asarray(h[: n * block_size], dtype=np.int64).reshape(n, block_size)[pick])
+    return np.concatenate(rows) if rows else np.zeros((0, block_size), dtype=np.int64)

@@ -24,6 +24,7 @@ from megacontext.config import Config, derive_seed
 from megacontext.data import SPLITS, PreparedDataset, Window, WindowSampler, prepare_dataset
 from megacontext.errors import DataError, MegaContextError
 from megacontext.eval.ceiling import ceiling_rows
+from megacontext.eval.gists import gist_value_rows, reconstruction_quality
 from megacontext.eval.passkey import passkey_grid
 from megacontext.eval.results import loss_rows, make_eval_json
 from megacontext.eval.timing import measure_timing
@@ -181,12 +182,14 @@ class EvalOptions:
     passkey: bool = True
     loss: bool = True  # False: passkey only
     oracle_windows: int = 0  # the oracle_focus ceiling on the first N loss windows
+    gist_windows: int = 0  # the gist-value panel's windows (recency vs uniform_gists, paired)
     policies: tuple[str, ...] = POLICIES
 
     @classmethod
     def from_config(cls, cfg: Config) -> EvalOptions:
         e = cfg.eval
-        return cls(list(e.budgets), e.windows, e.cursor, e.split, oracle_windows=e.oracle_windows)
+        return cls(list(e.budgets), e.windows, e.cursor, e.split, oracle_windows=e.oracle_windows,
+                   gist_windows=e.gist_windows)
 
 
 @dataclass
@@ -235,6 +238,13 @@ def evaluate(
             say(f"oracle_focus ceiling on {min(opts.oracle_windows, len(windows))} windows")
         ceiling = ceiling_rows(modules, settings, windows[: opts.oracle_windows], budgets, cfg.seed,
                                cfg.eval.batch_size)
+    gists, recon = [], {}
+    if opts.loss and opts.gist_windows > 0:
+        if progress:
+            say(f"gist value on {opts.gist_windows} windows")
+        gist_windows = select_windows(data.docs, history, H, opts.cursor, opts.gist_windows, cfg.seed)
+        gists = gist_value_rows(modules, settings, gist_windows, budgets, cfg.eval.batch_size)
+        recon = reconstruction_quality(modules, gist_windows, cfg.tree.block_size, cfg.seed)
     passkey = []
     if opts.passkey:
         passkey = passkey_grid(modules, settings, cfg.eval, data.filler, budgets, opts.policies, cfg.seed, progress)
@@ -253,4 +263,4 @@ def evaluate(
         "cursor": opts.cursor,
     }
     results = loss_rows({k: v.losses for k, v in stats.items()}, {k: v.swap_rates for k, v in stats.items()})
-    return EvalRun(make_eval_json(header, results, passkey, timing, ceiling, multikey), stats, windows)
+    return EvalRun(make_eval_json(header, results, passkey, timing, ceiling, multikey, gists, recon), stats, windows)

@@ -200,6 +200,30 @@ def plot_loss_vs_budget(data: dict, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def plot_gist_value(data: dict, path: Path) -> Path | None:
+    """Gist panel: loss@H of recency vs the raw tokens kept, and uniform_gists at the raw
+    tokens it keeps (the gists' worth is how far below the recency curve it sits)."""
+    rows = data.get("gists") or []
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for r in rows:
+        xs, ys = zip(*[(c["raw_tokens"], c["loss_at_h"]) for c in r["curve"]])
+        line, = ax.plot(xs, ys, marker="o", label=f"recency (W={r['budget']} and fewer raw tokens)")
+        ax.plot([r["raw_tokens"]], [r["uniform_gists"]], marker="*", markersize=12, linestyle="none",
+                color=line.get_color(), label=f"uniform_gists W={r['budget']}: {r['raw_tokens']} raw + "
+                f"{r['gist_entries']} gists")
+    rec = data.get("reconstruction") or {}
+    title = "Are gists worth the raw tokens they displace?"
+    if rec.get("top1") is not None:
+        title += f"\nreconstruction top-1 {rec['top1']:.3f}, gain {rec['gain']:+.3f} nats/token"
+    ax.set_xlabel("raw tokens in the window")
+    ax.set_ylabel(f"loss@H (H={data.get('horizon')}), nats/token")
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
 def plot_passkey(data: dict, path: Path, key: str = "passkey") -> Path | None:
     """Heatmaps of accuracy (history length x depth): one row per budget, one column per policy
     (``key``: "passkey" or "multikey")."""
@@ -351,6 +375,8 @@ def write_report(run_dir: Path, inputs: ReportInputs, levels: int) -> Path:
     ev = inputs.eval or {}
     figure("loss@H vs budget", plot_loss_vs_budget(ev, plots / "loss_vs_budget.png") if ev else None,
            "no loss@H results in eval.json")
+    figure("Gists against the raw tokens they displace", plot_gist_value(ev, plots / "gist_value.png") if ev else None,
+           "no gist-value rows in eval.json")
     figure("Passkey accuracy", plot_passkey(ev, plots / "passkey.png") if ev else None,
            "no passkey results in eval.json")
     figure("Multi-key recall accuracy", plot_passkey(ev, plots / "multikey.png", "multikey") if ev else None,

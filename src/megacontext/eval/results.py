@@ -8,6 +8,8 @@ eval.json (exactly these keys)::
      "ceiling":  [{"budget", "policy", "loss_second_half", "delta_vs_uniform_gists", "se", "n_windows"}],
      "passkey":  [{"budget", "history_tokens", "depth", "policy", "accuracy", "n"}],
      "multikey": [the same keys as passkey: multi-key recall, the asked fact at the depth],
+     "gists":    [{"budget", "raw_tokens", "displaced_value", "won_back", "target_margin", ... (eval.gists)}],
+     "reconstruction": {"blocks", "top1", "nll", "blank_nll", "gain"} (empty when not measured),
      "timing":   {"base_forward_ms", "refocus_ms", "gist_ms_per_block"}}
 
 ``gap_closed[W] = (recency - megacontext) / (recency - reference)`` in loss@H; null when
@@ -27,7 +29,7 @@ from typing import Any
 import numpy as np
 
 EVAL_KEYS = ("horizon", "block_size", "base", "checkpoint", "data", "split", "cursor",
-             "results", "gap_closed", "ceiling", "passkey", "multikey", "timing")
+             "results", "gap_closed", "ceiling", "passkey", "multikey", "gists", "reconstruction", "timing")
 RESULT_KEYS = ("budget", "policy", "loss_at_h", "delta_nll_vs_reference", "n_windows", "swap_rate")
 PASSKEY_KEYS = ("budget", "history_tokens", "depth", "policy", "accuracy", "n")
 TIMING_KEYS = ("base_forward_ms", "refocus_ms", "gist_ms_per_block")
@@ -86,6 +88,8 @@ def make_eval_json(
     header: Mapping[str, Any], results: list[dict], passkey: list[dict], timing: Mapping[str, Any],
     ceiling: list[dict] | None = None,
     multikey: list[dict] | None = None,
+    gists: list[dict] | None = None,
+    reconstruction: Mapping[str, Any] | None = None,
 ) -> dict:
     """Assemble eval.json from its header fields and the measured parts (``ceiling``: the
     oracle_focus rows of :mod:`megacontext.eval.ceiling`, empty when not measured)."""
@@ -95,6 +99,8 @@ def make_eval_json(
     out["ceiling"] = [{k: _finite(v) if isinstance(v, float) else v for k, v in r.items()} for r in ceiling or []]
     out["passkey"] = passkey
     out["multikey"] = multikey or []
+    out["gists"] = [{k: _finite(v) if isinstance(v, float) else v for k, v in r.items()} for r in gists or []]
+    out["reconstruction"] = {k: _finite(v) if isinstance(v, float) else v for k, v in (reconstruction or {}).items()}
     out["timing"] = {k: _finite(timing.get(k)) for k in TIMING_KEYS}
     return out
 
@@ -148,6 +154,7 @@ def format_table(data: Mapping[str, Any], se: Mapping[tuple[int, str], float | N
         shown = "n/a" if share is None else f"{100 * share:.1f}%"
         lines.append(f"gap closed at W={budget}: {shown}{note}")
     lines += _ceiling_table(data.get("ceiling") or [])
+    lines += gist_lines(data)
     if data["passkey"]:
         lines += _passkey_table(data["passkey"])
     if data.get("multikey"):
@@ -171,6 +178,30 @@ def _ceiling_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     for r in rows:
         out.append(f"{r['budget']:>7} {r['policy']:<16} {_fmt(r['loss_second_half']):>13} "
                    f"{_fmt(r['delta_vs_uniform_gists'], '+.4f'):>19} {_fmt(r['se']):>7} {r['n_windows']:>7}")
+    return out
+
+
+def gist_lines(data: Mapping[str, Any]) -> list[str]:
+    """The gist-value rows (are gists worth the raw tokens they displace?) and reconstruction."""
+    out = []
+    for r in data.get("gists") or []:
+        out.append(
+            f"gists at W={r['budget']} ({r['n_windows']} windows, paired): the {r['budget'] - r['raw_tokens']} raw "
+            f"tokens they displace are worth {_fmt(r['displaced_value'], '+.4f')} ± {_fmt(r['displaced_se'])}; "
+            f"{r['gist_entries']} gists win back {_fmt(r['won_back'], '+.4f')} ± {_fmt(r['won_back_se'])} "
+            f"(won back - half of it: {_fmt(r['target_margin'], '+.4f')} ± {_fmt(r['target_margin_se'])}); "
+            f"their content is worth {_fmt(r['content_value'], '+.4f')} ± {_fmt(r['content_value_se'])} "
+            f"(another window's gists in their place)")
+        out.append("  recency by raw tokens kept: " + ", ".join(
+            f"{c['raw_tokens']}: {_fmt(c['loss_at_h'])}" for c in r["curve"]) + f"; uniform_gists {_fmt(r['uniform_gists'])}")
+        pm = r["position_modes"]
+        out.append(f"  uniform_gists by position mode: compact {_fmt(pm['compact'])}, absolute {_fmt(pm['absolute'])} "
+                   f"(absolute - compact {_fmt(pm['absolute_minus_compact'], '+.4f')} ± {_fmt(pm['se'])})")
+    rec = data.get("reconstruction") or {}
+    if rec:
+        out.append(f"reconstruction from LOD1 gists ({rec['blocks']} blocks): top-1 {_fmt(rec['top1'], '.3f')}, "
+                   f"NLL {_fmt(rec['nll'], '.3f')} vs {_fmt(rec['blank_nll'], '.3f')} with the gist blanked "
+                   f"(gain {_fmt(rec['gain'], '+.3f')} nats/token)")
     return out
 
 

@@ -86,3 +86,44 @@ def horizon_nll(
     prefixes = _as_list(prefixes)
     target = _horizon_ids(horizons, len(prefixes), base.device)
     return nll(horizon_logits(base, prefixes, target)[:, start:], target[:, start:])
+
+
+def reconstruction_logits(base: BaseModel, gists: torch.Tensor, block_embeds: torch.Tensor) -> torch.Tensor:
+    """The base reads a gist, then the block it replaces: logits ``[N, K, V]`` predicting it.
+
+    gists ``[N, d]``; block_embeds ``[N, K, d]`` (the block's token embeddings). Row n is
+    ``gist_n ++ block_n[:-1]`` at positions ``0..K-1``: slot ``j`` predicts token ``j`` of
+    the block, so slot 0 sees the gist alone (ICAE-style reconstruction, teacher forced).
+    """
+    N, K, _ = block_embeds.shape
+    x = torch.cat([gists[:, None, :].to(block_embeds.dtype), block_embeds[:, :-1]], dim=1)
+    positions = torch.arange(K, device=base.device).expand(N, K)
+    return base.forward(x, positions).logits
+
+
+@dataclass
+class Reconstruction:
+    """How well the base reads blocks back from their gists (:func:`reconstruction`)."""
+
+    loss: torch.Tensor  # mean NLL per token of the blocks (with grad where the inputs have it)
+    blank_loss: float  # the same with every gist zeroed: what the block's own prefix predicts
+    top1: float  # share of tokens the base's argmax gets right
+
+    @property
+    def gain(self) -> float:
+        """Nats per token the gist is worth to the reader (blank minus with-gist)."""
+        return self.blank_loss - float(self.loss.detach())
+
+
+def reconstruction(base: BaseModel, gists: torch.Tensor, block_embeds: torch.Tensor, blocks: torch.Tensor) -> Reconstruction:
+    """Reconstruction NLL, its gist-blank baseline and top-1 accuracy.
+
+    gists ``[N, d]``, block_embeds ``[N, K, d]``, blocks ``[N, K]`` (the token ids).
+    """
+    logits = reconstruction_logits(base, gists, block_embeds)
+    loss = F.cross_entropy(logits.float().transpose(1, 2), blocks)
+    with torch.no_grad():
+        blank = reconstruction_logits(base, torch.zeros_like(gists), block_embeds)
+        blank_loss = F.cross_entropy(blank.float().transpose(1, 2), blocks).item()
+        top1 = (logits.argmax(-1) == blocks).float().mean().item()
+    return Reconstruction(loss, blank_loss, top1)

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 from megacontext.config import PHASE_NAMES, Config, PhaseConfig
-from megacontext.data import Window
-from megacontext.focus.horizon import horizon_logits, raw_prefix
+from megacontext.data import Window, sample_blocks
+from megacontext.focus.horizon import horizon_logits, raw_prefix, reconstruction
 from megacontext.focus.lens import lens_scores
 from megacontext.focus.policies import FocusSettings, focus_window, reference_context, refocus_rounds
 from megacontext.focus.source import HistorySource, build_source
@@ -75,14 +75,21 @@ def replaced_context(num_tokens: int, cfg: Config, rng: np.random.Generator) -> 
 
 
 def warm_gist_step(m: Modules, cfg: Config, windows: Sequence[Window], rng: np.random.Generator) -> StepOutput:
-    """GistNet substitutability on random replaced spans of each window's reference context."""
+    """GistNet substitutability on each window's reference context read with gists: a share
+    ``train.gist.initial_assembly`` of the windows as the initial assembly at ``focus.budget``
+    (the newest blocks raw, every older one gisted: what ``uniform_gists`` and the focus loop
+    start from), the others with random spans replaced (:func:`replaced_context`)."""
     H, K, L = cfg.train.horizon, cfg.tree.block_size, cfg.tree.levels
+    f = cfg.focus
     refs, replaced, gist_share = [], [], []
     for w in windows:
         ids = reference_context(w.history, m.base.max_context, H)
         ref = raw_prefix(m.base, ids)
         source = HistorySource(ref.embeds.detach(), list(gists_for_history(m.gistnet, ref.embeds.detach(), K, L)))
-        wc = replaced_context(len(ids), cfg, rng)
+        if rng.random() < cfg.train.gist.initial_assembly:
+            wc = WorkingContext.initial(len(ids), K, L, f.budget, f.tail_blocks, headroom=0)
+        else:
+            wc = replaced_context(len(ids), cfg, rng)
         refs.append(ref)
         replaced.append(assemble(wc, source, cfg.focus.position_mode))
         gist_share.append(1.0 - float((wc.levels_array() == 0).sum()) / len(ids))
@@ -93,15 +100,33 @@ def warm_gist_step(m: Modules, cfg: Config, windows: Sequence[Window], rng: np.r
     target = torch.as_tensor(horizons, device=logits.device)
     sub = losses.substitutability(ref_logits, logits, target, cfg.train.gist.substitutability)
     nll_rep, nll_ref = losses.nll(logits.detach(), target), losses.nll(ref_logits, target)
-    return StepOutput(
-        loss=sub.mean(),
-        metrics={
-            "loss": sub.mean().item(),
-            "dnll": (nll_rep - nll_ref).mean().item(),
-            "nll_replaced": nll_rep.mean().item(),
-            "replaced_share": float(np.mean(gist_share)),
-        },
-    )
+    loss = sub.mean()
+    metrics = {
+        "substitutability": sub.mean().item(),
+        "dnll": (nll_rep - nll_ref).mean().item(),
+        "nll_replaced": nll_rep.mean().item(),
+        "replaced_share": float(np.mean(gist_share)),
+    }
+    if cfg.train.gist.reconstruction_weight > 0:
+        rec, rec_metrics = reconstruction_term(m, cfg, windows, rng, gist_grad=True)
+        loss = loss + cfg.train.gist.reconstruction_weight * rec
+        metrics.update(rec_metrics)
+    return StepOutput(loss=loss, metrics={"loss": loss.item(), **metrics})
+
+
+def reconstruction_term(
+    m: Modules, cfg: Config, windows: Sequence[Window], rng: np.random.Generator, gist_grad: bool
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """NLL of random blocks that the (adapted) base reconstructs from their LOD1 gists, and
+    its metrics (top-1 accuracy; gain = NLL with the gist zeroed minus NLL)."""
+    ids = sample_blocks([w.history for w in windows], cfg.tree.block_size, cfg.train.gist.reconstruction_blocks, rng)
+    blocks = torch.as_tensor(ids, device=m.base.device)
+    embeds = m.base.embed(blocks)  # [N, K, d]
+    with torch.set_grad_enabled(gist_grad and torch.is_grad_enabled()):
+        gists = m.gistnet(embeds if gist_grad else embeds.detach(), 1)  # [N, d]
+    rec = reconstruction(m.base, gists, embeds, blocks)
+    return rec.loss, {"reconstruction": rec.loss.item(), "reconstruction_gain": rec.gain,
+                      "reconstruction_top1": rec.top1}
 
 
 # ------------------------------------------------------------------------ JT1 / JT3: on-policy windows
@@ -157,7 +182,12 @@ def jt3_step(m: Modules, cfg: Config, windows: Sequence[Window], rng: np.random.
     task = losses.nll(logits, target).mean()
     keep = losses.kl_from_reference(ref_logits, logits).mean()
     loss = task + cfg.train.lora.keepalive_weight * keep
-    return StepOutput(loss=loss, metrics={"loss": loss.item(), "nll": task.item(), "keepalive_kl": keep.item()})
+    metrics = {"nll": task.item(), "keepalive_kl": keep.item()}
+    if cfg.train.lora.reconstruction_weight > 0:
+        rec, rec_metrics = reconstruction_term(m, cfg, windows, rng, gist_grad=False)
+        loss = loss + cfg.train.lora.reconstruction_weight * rec
+        metrics.update(rec_metrics)
+    return StepOutput(loss=loss, metrics={"loss": loss.item(), **metrics})
 
 
 # ------------------------------------------------------------------------ LensNet: labels and step
