@@ -118,8 +118,6 @@ def reconstruction_quality(mods: Modules, windows: Sequence[Window], block_size:
     ids = sample_blocks([w.history for w in windows], block_size, RECONSTRUCTION_BLOCKS, rng)
     if len(ids) == 0:
         return {}
-    blocks = torch.as_tensor(ids, device=mods.base.device)
-    embeds = mods.base.embed(blocks)
-    rec = reconstruction(mods.base, mods.gistnet(embeds, 1), embeds, blocks)
+    rec = reconstruction(mods.base, mods.gistnet, torch.as_tensor(ids, device=mods.base.device))
     return {"blocks": len(ids), "top1": rec.top1, "nll": float(rec.loss), "blank_nll": rec.blank_loss,
             "gain": rec.gain}

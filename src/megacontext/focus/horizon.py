@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from megacontext.base_model import BaseModel
+from megacontext.gistnet import GistNet
 from megacontext.working_context import Assembled
 
 
@@ -115,11 +116,14 @@ class Reconstruction:
         return self.blank_loss - float(self.loss.detach())
 
 
-def reconstruction(base: BaseModel, gists: torch.Tensor, block_embeds: torch.Tensor, blocks: torch.Tensor) -> Reconstruction:
-    """Reconstruction NLL, its gist-blank baseline and top-1 accuracy.
-
-    gists ``[N, d]``, block_embeds ``[N, K, d]``, blocks ``[N, K]`` (the token ids).
-    """
+def reconstruction(base: BaseModel, gistnet: GistNet, blocks: torch.Tensor, gist_grad: bool = True) -> Reconstruction:
+    """Reconstruction NLL of ``blocks`` ``[N, K]`` (token ids) from their LOD1 gists, its
+    gist-blank baseline and top-1 accuracy. The blocks are embedded by the (adapted) base and
+    gisted by ``gistnet``; ``gist_grad=False`` keeps the gists out of the graph (the reader
+    trains, not the writer)."""
+    block_embeds = base.embed(blocks)  # [N, K, d]
+    with torch.set_grad_enabled(gist_grad and torch.is_grad_enabled()):
+        gists = gistnet(block_embeds if gist_grad else block_embeds.detach(), 1)  # [N, d]
     logits = reconstruction_logits(base, gists, block_embeds)
     loss = F.cross_entropy(logits.float().transpose(1, 2), blocks)
     with torch.no_grad():

@@ -120,11 +120,7 @@ def reconstruction_term(
     """NLL of random blocks that the (adapted) base reconstructs from their LOD1 gists, and
     its metrics (top-1 accuracy; gain = NLL with the gist zeroed minus NLL)."""
     ids = sample_blocks([w.history for w in windows], cfg.tree.block_size, cfg.train.gist.reconstruction_blocks, rng)
-    blocks = torch.as_tensor(ids, device=m.base.device)
-    embeds = m.base.embed(blocks)  # [N, K, d]
-    with torch.set_grad_enabled(gist_grad and torch.is_grad_enabled()):
-        gists = m.gistnet(embeds if gist_grad else embeds.detach(), 1)  # [N, d]
-    rec = reconstruction(m.base, gists, embeds, blocks)
+    rec = reconstruction(m.base, m.gistnet, torch.as_tensor(ids, device=m.base.device), gist_grad)
     return rec.loss, {"reconstruction": rec.loss.item(), "reconstruction_gain": rec.gain,
                       "reconstruction_top1": rec.top1}
 
