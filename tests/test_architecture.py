@@ -16,7 +16,7 @@ FLOORS = [
     {"errors", "durable"},
     {"config", "lock"},
     {"data", "hub"},
-    {"base_model", "layers", "weights"},
+    {"base_model", "layers", "weights", "tree_format"},
     {"tree_storage", "working_context"},
     {"tree", "gistnet", "lensnet", "allocator"},
     {"checkpoint"},

@@ -210,11 +210,18 @@ def test_out_of_vocabulary_ids_are_refused_before_anything_is_appended(smoke_cfg
 
 
 def test_a_history_that_would_outgrow_the_budget_is_refused_before_anything_is_appended(smoke_cfg, smoke_base):
-    from megacontext.working_context import minimum_cost
+    from dataclasses import replace
+
+    from megacontext.working_context import fitting_levels, minimum_cost
 
     s = _ram_session(smoke_cfg, smoke_base)
-    K, L, tail, budget = smoke_cfg.tree.block_size, smoke_cfg.tree.levels, smoke_cfg.focus.tail_blocks, smoke_cfg.focus.budget
-    limit = next(n for n in range(0, 10**7, K) if minimum_cost(n + K - 1, K, L, tail) > budget)  # first block that cannot fit
+    s.focus = replace(s.focus, budget=96)  # the levels grow, but 3 LOD2 + 31 LOD1 gists + the tail exceed 96
+    K, L, tail, budget = smoke_cfg.tree.block_size, smoke_cfg.tree.levels, s.focus.tail_blocks, s.focus.budget
+
+    def need(n: int) -> int:
+        return minimum_cost(n, K, fitting_levels(n, K, L, tail, budget), tail)
+
+    limit = next(n for n in range(0, 10**7, K) if need(n + K - 1) > budget)  # first block that cannot fit
     s.ingest(np.arange(limit - 5) % 200)
     with pytest.raises(MegaContextError, match="needs a working-context budget of at least .* nothing was appended"):
         s.ingest(np.arange(2 * K) % 200)  # crosses the point where the cheapest window no longer fits

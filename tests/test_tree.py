@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from megacontext.errors import MegaContextError, TreeError
 from megacontext.tree import MegaContextTree
-from megacontext.tree_storage import HEADER_SIZE, MAGIC
+from megacontext.tree_format import HEADER_SIZE, MAGIC
 
 VOCAB = 997
 DIM = 8
@@ -231,7 +231,7 @@ def test_metadata_and_header_follow_the_documented_layout(tmp_path):
         raw = (tmp_path / "t" / f"LOD{level}.ctx").read_bytes()
         assert len(raw) == HEADER_SIZE + count * item
         assert raw[:8] == MAGIC
-        assert struct.unpack_from("<6I", raw, 8) == (1, level, L, K, DIM, 0)
+        assert struct.unpack_from("<6I", raw, 8) == (2, level, L, K, DIM, 0)
         assert raw[32:40].rstrip(b"\0") == (b"uint32" if level == 0 else b"bfloat16")
         assert raw[40:296].rstrip(b"\0") == b"fake/model"
         assert raw[296:360].rstrip(b"\0") == (b"" if level == 0 else FakeGister().version.encode())
@@ -479,7 +479,7 @@ def _set_meta(path: Path, **fields) -> None:
     [
         (lambda p: _patch(p / "LOD1.ctx", 0, b"NOTATREE"), "bad magic"),
         (lambda p: _patch(p / "LOD0.ctx", 8, struct.pack("<I", 9)), "format version 9"),
-        (lambda p: _set_meta(p, format_version=2), "format version 2"),
+        (lambda p: _set_meta(p, format_version=3), "format version 3; this megacontext reads versions 1 and 2"),
         (lambda p: _patch(p / "LOD2.ctx", 20, struct.pack("<I", 8)), "block_size=8"),
         (lambda p: _set_meta(p, dim=DIM * 2), "dim="),
         (lambda p: _set_meta(p, model_name="other/model"), "model_name="),

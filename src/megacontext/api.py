@@ -98,10 +98,15 @@ class Window:
 
 @dataclass(frozen=True)
 class TreeInfo:
-    """A tree's size (what ``megacontext inspect`` shows); ``path`` is None for a RAM tree."""
+    """A tree's size (what ``megacontext inspect`` shows); ``path`` is None for a RAM tree.
+
+    ``levels``: its gist levels (``tree.levels`` at creation, more once the history outgrew a
+    session's budget); ``nodes_per_level`` has one entry per level, ``"1"`` .. ``str(levels)``.
+    """
 
     path: Path | None
     tokens: int
+    levels: int
     nodes_per_level: dict[str, int]
     gist_version: str
     bytes_on_disk: int
@@ -111,6 +116,7 @@ class TreeInfo:
         """The keys of ``megacontext inspect --json``."""
         return {
             "tokens": self.tokens,
+            "levels": self.levels,
             "nodes_per_level": dict(self.nodes_per_level),
             "gist_version": self.gist_version,
             "bytes_on_disk": self.bytes_on_disk,
@@ -122,6 +128,7 @@ def _tree_info(tree: MegaContextTree) -> TreeInfo:
     return TreeInfo(
         path=tree.path,
         tokens=tree.num_tokens,
+        levels=tree.levels,
         nodes_per_level={str(k): tree.num_nodes(k) for k in range(1, tree.levels + 1)},
         gist_version=tree.gist_version,
         bytes_on_disk=tree.bytes_on_disk,
@@ -273,7 +280,8 @@ class MegaSession:
 
     Use it as a context manager, or call :meth:`close`: closing a disk session saves its focus
     state (``session.json``) and releases the tree's writer lock; leaving the ``with`` block
-    on an exception releases it without saving (the history itself is durable at every append).
+    on an exception releases it without saving it (the tree still commits the history it
+    holds: appends are committed per block, and the last unfinished block on close).
     """
 
     def __init__(self, mc: MegaContext, tree: MegaContextTree, focus: FocusConfig) -> None:

@@ -150,6 +150,22 @@ def _max_context(model: torch.nn.Module, max_context: int | None, table: int | N
     return n
 
 
+def crop_cache(cache: object, length: int) -> bool:
+    """Cut a KV ``cache`` (``.cache`` of :meth:`BaseModel.forward`) back to its first ``length``
+    positions, in place. False, leaving it as it was, when some layer cannot be cut back (a
+    sliding-window or linear-attention layer, or a transformers without cache layers): then
+    only a new cache will do."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or not all(
+        getattr(layer, "is_croppable", False) and not getattr(layer, "is_sliding", True) for layer in layers
+    ):
+        return False
+    drop = cache.get_seq_length() - length
+    if drop > 0:
+        cache.crop(-drop)  # a negative count: drop that many from the end (every transformers that has layers)
+    return True
+
+
 class BaseModel:
     """A frozen HF causal LM: embeddings in, logits out.
 
@@ -176,6 +192,7 @@ class BaseModel:
         self.vocab_size, self.dim = (int(n) for n in model.get_input_embeddings().weight.shape)  # rows = ids it can embed
         self.position_limit = learned_positions(model)  # None unless positions come from a learned table
         self.max_context = _max_context(model, max_context, self.position_limit)
+        self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         if freeze:
             model.requires_grad_(False)
             model.eval()
@@ -245,14 +262,17 @@ class BaseModel:
         attention_mask: torch.Tensor | None = None,
         past_key_values=None,
         use_cache: bool = False,
+        last_only: bool = False,
     ):
         """Run the base on ``inputs_embeds`` ``[B, T, d]`` at ``position_ids`` ``[B, T]``.
 
         ``attention_mask`` ``[B, T_past + T]`` (1 = real, 0 = padding) defaults to all ones.
         It is always passed explicitly: without one, transformers reads non-consecutive
         ``position_ids`` (gists in absolute mode) as packed separate sequences.
-        Returns the HF output: ``.logits`` ``[B, T, V]`` and, with ``use_cache``, the KV cache
-        as ``.cache`` (transformers 5; ``.past_key_values`` is its deprecated alias).
+        Returns the HF output: ``.logits`` ``[B, T, V]`` (``[B, 1, V]`` with ``last_only``
+        where the model can skip the LM head on the others) and, with ``use_cache``, the KV
+        cache as ``.cache`` (transformers 5; ``.past_key_values`` is its deprecated alias),
+        which :func:`crop_cache` can cut back.
         """
         B, T, _ = inputs_embeds.shape
         if self.position_limit is not None:
@@ -260,12 +280,14 @@ class BaseModel:
         if attention_mask is None:
             past = past_key_values.get_seq_length() if past_key_values is not None else 0
             attention_mask = torch.ones(B, past + T, dtype=torch.long, device=self.device)
+        extra = {"logits_to_keep": 1} if last_only and self._logits_to_keep else {}
         return self.model(
             inputs_embeds=inputs_embeds.to(device=self.device, dtype=self.dtype),
             position_ids=position_ids.to(self.device),
             attention_mask=attention_mask.to(self.device),
             cache=past_key_values,
             use_cache=use_cache,
+            **extra,
         )
 
     def _check_positions(self, position_ids: torch.Tensor) -> None:

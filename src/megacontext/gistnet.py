@@ -8,6 +8,11 @@
     h      = mean(children) + r * proj(pooled)   [N, d]      r = RMS of the node's children
     gist   = gain[level] * r * h / RMS(h)        [N, d]      scale matched to the children
 
+Levels above ``levels`` (a tree grows them when its history outgrows the budget) are
+served by the top trained level's weights: its level embedding (shared mode), its core
+(``per_level``) and its gain. A gist of gists is the same task at every level above LOD1,
+and the scale matching keeps the new level at the RMS of its children.
+
 The projection's last layer starts small, so an untrained GistNet is (almost) the
 scale-matched mean-pooling baseline, and training only has to learn a correction. The
 final rescale keeps every gist at the RMS of the vectors it replaces (token embeddings for
@@ -112,7 +117,8 @@ class _GistCore(nn.Module):
 class GistNet(nn.Module):
     """K children -> one gist. ``forward(children [N, K, d], level) -> [N, d]``.
 
-    ``level``: an int in ``1..levels`` or a LongTensor ``[N]`` (one level per node).
+    ``level``: an int >= 1 or a LongTensor ``[N]`` (one level per node); a level above
+    ``levels`` is served as ``levels`` (see the module docstring).
     """
 
     def __init__(self, cfg: GistNetConfig, dim: int, block_size: int = 32, levels: int = 2) -> None:
@@ -132,14 +138,14 @@ class GistNet(nn.Module):
             nn.init.normal_(self.level_embed.weight, std=LEVEL_EMBED_STD)
 
     def _level_index(self, level: int | torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
-        """0-based level index per node: LongTensor ``[n]``."""
+        """0-based index of the trained level that serves each node: LongTensor ``[n]``."""
         if isinstance(level, torch.Tensor):
             if level.shape != (n,):
                 raise ValueError(f"level tensor must have shape ({n},), got {tuple(level.shape)}")
-            return level.to(device=device, dtype=torch.long) - 1
-        if not 1 <= level <= self.levels:
-            raise ValueError(f"level must be in 1..{self.levels}, got {level}")
-        return torch.full((n,), level - 1, dtype=torch.long, device=device)
+            return level.to(device=device, dtype=torch.long).clamp(max=self.levels) - 1
+        if level < 1:
+            raise ValueError(f"level must be >= 1, got {level}")
+        return torch.full((n,), min(level, self.levels) - 1, dtype=torch.long, device=device)
 
     def encode(self, children: torch.Tensor, level: int | torch.Tensor) -> torch.Tensor:
         """Pooled backbone features ``[N, w]`` (before the projection); needs a backbone."""
@@ -150,7 +156,7 @@ class GistNet(nn.Module):
         if self.level_embed is not None:
             return self.cores[0].encode(x, self.level_embed(lv))
         if isinstance(level, int):
-            return self.cores[level - 1].encode(x, None)
+            return self.cores[min(level, self.levels) - 1].encode(x, None)
         out = x.new_zeros(x.shape[0], self.width)
         for lvl in lv.unique().tolist():
             idx = (lv == lvl).nonzero().squeeze(1)
@@ -162,7 +168,7 @@ class GistNet(nn.Module):
         if len(self.cores) == 1:
             return self.cores[0].proj(self.encode(x, level))
         if isinstance(level, int):
-            return self.cores[level - 1].proj(self.encode(x, level))
+            return self.cores[min(level, self.levels) - 1].proj(self.encode(x, level))
         out = x.new_zeros(x.shape[0], self.dim)
         for lvl in lv.unique().tolist():
             idx = (lv == lvl).nonzero().squeeze(1)

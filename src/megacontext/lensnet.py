@@ -160,14 +160,16 @@ class LensNet(nn.Module):
     ) -> torch.Tensor:
         """Scores ``[B, W]`` in [-1, 1], exactly 0 where ``mask`` is False.
 
-        embeds [B, W, d]; levels [B, W] long in 0..levels; log_width, log_distance [B, W];
+        embeds [B, W, d]; levels [B, W] long >= 0 (a level above ``levels``, grown by the tree,
+        shares the top level's embedding; log_width tells them apart); log_width, log_distance [B, W];
         mask [B, W] bool (True = real entry); cond [B, C, d]; cond_mask [B, C] bool.
         """
         if cond.shape[1] != self.slots:
             raise ValueError(f"LensNet expects {self.slots} conditioning vectors, got {cond.shape[1]}")
         dtype = self.entry_proj.weight.dtype
         feats = torch.stack([log_width, log_distance], dim=-1).to(dtype)
-        e = self.entry_proj(self.entry_norm(embeds.to(dtype))) + self.level_embed(levels) + self.feature_mlp(feats)
+        level = self.level_embed(levels.clamp(max=self.levels))
+        e = self.entry_proj(self.entry_norm(embeds.to(dtype))) + level + self.feature_mlp(feats)
         lat = self.cond_proj(self.cond_norm(cond.to(dtype))) + self.slot_embed.weight
         if self.cfg.kind == "dual_cross":
             for stack in self.stacks:

@@ -4,9 +4,15 @@ A :class:`Session` owns one history (a :class:`MegaContextTree`, in RAM or on di
 working context over it, and the frozen modules that read it. Per block of ``K`` tokens:
 
     ingest (tree + gists) -> refocus (LensNet + allocator, 1-3 passes) -> decode with
-    the base on the working context (KV cache inside the block; rebuilt after a refocus)
+    the base on the working context (one KV cache, kept after a refocus up to the first
+    entry the refocus changed)
 
 and every block leaves a telemetry record (latency split, swap rate, budget use).
+When the cheapest window over the history no longer fits the budget, the tree grows
+the next gist level (:meth:`MegaContextTree.grow`), so any history fits a budget above
+a small minimum (``docs/architecture.md``, "Levels that grow"). Appends are committed
+per completed block; the unfinished block's tokens wait for the next block, :meth:`Session.save`
+or the tree's close.
 A disk session is saved beside its tree (``session.json``, with a checksum) and reopens
 with its whole history and focus state; a damaged ``session.json`` is reported
 (:class:`SessionWarning`) and the session starts over from a fresh initial window over
@@ -28,7 +34,7 @@ import numpy as np
 import torch
 
 from megacontext.allocator import FocusAllocator
-from megacontext.base_model import BaseModel
+from megacontext.base_model import BaseModel, crop_cache
 from megacontext.config import Config, FocusConfig
 from megacontext.data.tokenizer import tokenizer_hash
 from megacontext.durable import checksum_ok, replace_file, with_checksum
@@ -39,7 +45,15 @@ from megacontext.focus.trace import FocusTrace
 from megacontext.modules import Modules
 from megacontext.tree import CHUNK_TOKENS, MegaContextTree
 from megacontext.tree_storage import METADATA_FILE
-from megacontext.working_context import Action, Assembled, WorkingContext, assemble, minimum_cost
+from megacontext.working_context import (
+    Action,
+    Assembled,
+    Entry,
+    WorkingContext,
+    assemble,
+    fitting_levels,
+    minimum_cost,
+)
 
 SESSION_FILE = "session.json"
 
@@ -88,11 +102,25 @@ class BlockTelemetry:
 
 @dataclass
 class _Cache:
-    """KV cache of the base over the first `length` window entries (valid inside a block)."""
+    """The base's KV cache over ``entries``, the window entries (in order) it was built on.
+
+    A later window can keep it up to its first entry that differs: an entry's vector is a
+    function of the entry, its position id one of the entry and its index (compact: the
+    index; absolute: its span), so an unchanged prefix of entries is an unchanged prefix of
+    (embedding, position) pairs, and causal attention makes its keys and values unchanged.
+    """
 
     past: object = None
-    length: int = 0
-    next_position: int = 0
+    entries: list[Entry] = field(default_factory=list)
+
+
+def first_change(old: Sequence[Entry], new: Sequence[Entry]) -> int:
+    """Index of the first entry where ``old`` and ``new`` differ (the shorter length when one
+    is a prefix of the other)."""
+    n = min(len(old), len(new))
+    if old[:n] == new[:n]:
+        return n
+    return next(i for i in range(n) if old[i] != new[i])
 
 
 @dataclass
@@ -108,13 +136,13 @@ class Session:
     trace: FocusTrace = field(default_factory=FocusTrace)  # every refocus
     forced: list[Action] = field(default_factory=list)  # budget-overflow collapses of WorkingContext.extend
     base_forward_ms: list[float] = field(default_factory=list)
+    base_forward_entries: list[int] = field(default_factory=list)  # entries fed to the base per decode step
     on_block: Callable[[BlockTelemetry], None] | None = None
 
     def __post_init__(self) -> None:
         self.base = self.modules.base
         self.vocab_size = self.base.vocab_size
         self.block_size = self.tree.block_size
-        self.levels = self.tree.levels
         self.source = TreeSource(self.tree, self.base)
         self.allocator = FocusAllocator(self.focus, self.block_size, np.random.default_rng(self.seed))
         self._cache = _Cache()
@@ -126,8 +154,23 @@ class Session:
     def num_tokens(self) -> int:
         return self.tree.num_tokens
 
+    @property
+    def levels(self) -> int:
+        """The tree's gist levels (they grow with the history)."""
+        return self.tree.levels
+
     def _initial_wc(self, n: int) -> WorkingContext:
+        self._fit_levels(n)
         return WorkingContext.initial(n, self.block_size, self.levels, self.focus.budget, self.focus.tail_blocks)
+
+    def _fit_levels(self, n: int) -> None:
+        """Grow the tree (and the window) to the fewest levels whose cheapest tiling of ``n``
+        tokens fits the budget (none when the current ones do)."""
+        levels = fitting_levels(n, self.block_size, self.levels, self.focus.tail_blocks, self.focus.budget)
+        if levels > self.levels:
+            self.tree.grow(levels)
+        if self.wc is not None:
+            self.wc.grow(self.levels)
 
     # ----------------------------------------------------------------- ingest
     def ingest(self, ids: Sequence[int] | np.ndarray, progress: Callable[[int], None] | None = None) -> None:
@@ -153,21 +196,15 @@ class Session:
         return ids
 
     def _append(self, ids: np.ndarray, progress: Callable[[int], None] | None = None) -> None:
-        """:meth:`ingest` of checked ``ids`` int64 [N]."""
+        """:meth:`ingest` of checked ``ids`` int64 [N]: one tree append per block, committed
+        when it completes its block (``defer``: a decoding loop commits once per block)."""
         pos, completed = 0, False
         while pos < len(ids):
             room = self.block_size - (self.num_tokens % self.block_size)
             chunk = ids[pos : pos + room]
-            self.tree.append(chunk)
+            self.tree.append(chunk, defer=True)
             pos += len(chunk)
-            if self.wc is None:
-                self.wc = self._initial_wc(self.num_tokens)
-                self._cache = _Cache()
-            else:
-                forced = self.wc.extend(self.num_tokens)
-                if forced:
-                    self.forced.extend(forced)
-                    self._cache = _Cache()
+            self._extend_window()
             completed |= self.num_tokens % self.block_size == 0
             if progress is not None:
                 progress(len(chunk))
@@ -196,13 +233,15 @@ class Session:
             self.refocus()
 
     def _extend_window(self) -> None:
-        """Bring the window up to the tree's history (forced collapses recorded; cache reset when it changed)."""
+        """Bring the window up to the tree's history (levels grown when the budget needs them,
+        forced collapses recorded, cache reset when it changed)."""
         n = self.num_tokens
         if self.wc is None:
             if n > 0:
                 self.wc = self._initial_wc(n)
                 self._cache = _Cache()
         elif n > self.wc.num_tokens:
+            self._fit_levels(n)
             forced = self.wc.extend(n)
             if forced:
                 self.forced.extend(forced)
@@ -210,16 +249,18 @@ class Session:
 
     def check_room(self, extra: int) -> None:
         """MegaContextError, before anything is appended, when the history grown by ``extra``
-        tokens would at some point need a larger working context than the budget (the
-        cheapest tiling peaks just before each block completes)."""
-        K, n, tail = self.block_size, self.num_tokens, self.focus.tail_blocks
+        tokens would at some point need a larger working context than the budget, even with
+        the levels the tree grows by then (the cheapest tiling peaks just before each block
+        completes)."""
+        K, n, tail, budget = self.block_size, self.num_tokens, self.focus.tail_blocks, self.focus.budget
         points = [n + extra, *range((n // K + 1) * K - 1, n + extra, K)]
-        need = max(minimum_cost(t, K, self.levels, tail) for t in points)
-        if need > self.focus.budget:
+        levels = max(fitting_levels(t, K, self.levels, tail, budget) for t in points)
+        need = max(minimum_cost(t, K, levels, tail) for t in points)
+        if need > budget:
             raise MegaContextError(
-                f"{extra} more tokens would grow the history to {n + extra}, which with {self.levels} gist "
-                f"level(s) needs a working-context budget of at least {need}, got {self.focus.budget}: raise "
-                "--budget (focus.budget) or use a tree with more levels; nothing was appended"
+                f"{extra} more tokens would grow the history to {n + extra}, which needs a working-context budget "
+                f"of at least {need} even with {levels} gist levels (block size {K}, tail_blocks {tail}), got "
+                f"{budget}: raise --budget (focus.budget); nothing was appended"
             )
 
     # ---------------------------------------------------------------- refocus
@@ -229,7 +270,8 @@ class Session:
         return assemble(self.wc, self.source, self.focus.position_mode)
 
     def refocus(self) -> list[Action]:
-        """LensNet + allocator (the focus room's :func:`refocus`); invalidates the KV cache."""
+        """LensNet + allocator (the focus room's :func:`refocus`); the next decode step keeps
+        the KV cache up to the first entry it changed."""
         if self.wc is None:
             return []
         timer: dict[str, float] = {}
@@ -237,8 +279,6 @@ class Session:
         t0 = time.perf_counter()
         done = refocus(self.wc, self.source, self.modules.lensnet, self.allocator, self.focus.position_mode, timer)
         total = time.perf_counter() - t0
-        if done:
-            self._cache = _Cache()
         self.trace.record(done, entries)
         rec = BlockTelemetry(
             block=self.num_tokens // self.block_size,
@@ -261,33 +301,57 @@ class Session:
     # ----------------------------------------------------------------- decode
     @torch.no_grad()
     def next_logits(self) -> torch.Tensor:
-        """Logits [V] for the token after the history, reusing the block's KV cache."""
+        """Logits [V] for the token after the history.
+
+        The KV cache is kept up to the first entry that differs from the window it was built
+        on (a refocus edit, a forced collapse; none for tokens appended since), and only the
+        entries from there on (at least the last) go through the base.
+        """
         if self.wc is None:
             raise MegaContextError("the session is empty: ingest some text first")
-        W = len(self.wc.entries)
+        entries = self.wc.entries
         t0 = time.perf_counter()
-        if self._cache.past is None or self._cache.length > W:
-            window = self.assemble()
-            out = self.base.forward(
-                window.embeds[None], window.position_ids[None].to(self.base.device), use_cache=True
-            )
-            self._cache = _Cache(out.cache, W, window.next_position)
-        elif self._cache.length < W:
-            # Only raw tokens were appended since the cache was built (no edits).
-            n_new = W - self._cache.length
-            pos = torch.arange(self.num_tokens - n_new, self.num_tokens, device=self.base.device)
-            emb = self.source.token_embeddings(pos)
-            first = self._cache.next_position
-            pids = torch.arange(first, first + n_new, device=self.base.device)
-            if self.focus.position_mode == "absolute":
-                pids = pos
-            out = self.base.forward(emb[None], pids[None], past_key_values=self._cache.past, use_cache=True)
-            self._cache = _Cache(out.cache, W, int(pids[-1]) + 1)
-        else:
-            raise RuntimeError("next_logits called twice without a new token")  # internal misuse
+        keep = self._reuse_cache(entries)
+        embeds, position_ids = self._window_from(keep)
+        cache, self._cache = self._cache, _Cache()  # a forward that fails leaves no half-updated cache
+        out = self.base.forward(
+            embeds[None], position_ids[None], past_key_values=cache.past, use_cache=True, last_only=True
+        )
+        cache.past = out.cache
+        cache.entries[keep:] = entries[keep:]
+        self._cache = cache
         self.base_forward_ms.append(1e3 * (time.perf_counter() - t0))
+        self.base_forward_entries.append(len(entries) - keep)
         self._last_logits = out.logits[0, -1].float()
         return self._last_logits
+
+    def _reuse_cache(self, entries: list[Entry]) -> int:
+        """How many leading ``entries`` [W] the KV cache still holds (at most W - 1: the last
+        entry's logits are needed); the cache is cut back to them. 0: build a new one."""
+        cache = self._cache
+        keep = min(first_change(cache.entries, entries), len(entries) - 1)
+        if cache.past is None or keep <= 0 or (keep < len(cache.entries) and not crop_cache(cache.past, keep)):
+            self._cache = _Cache()
+            return 0
+        del cache.entries[keep:]
+        return keep
+
+    def _window_from(self, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embeds [n, d], position_ids [n]) of the window's entries ``start..W-1``.
+
+        Raw tokens (every decode step between refocuses) are embedded alone, at position
+        ``start + i`` (compact) or their token index (absolute); with a gist among them the
+        window is assembled and sliced.
+        """
+        rest = self.wc.entries[start:]
+        dev = self.base.device
+        if all(level == 0 for level, _ in rest):
+            tokens = torch.tensor([index for _, index in rest], dtype=torch.long)
+            if self.focus.position_mode == "absolute":
+                return self.source.token_embeddings(tokens), tokens.to(dev)
+            return self.source.token_embeddings(tokens), torch.arange(start, start + len(rest), device=dev)
+        window = self.assemble()
+        return window.embeds[start:], window.position_ids[start:].to(dev)
 
     def generate(
         self,
@@ -352,13 +416,15 @@ class Session:
 
     # ------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike | None = None) -> None:
-        """Write the focus state next to a disk tree (the tree itself is already durable).
+        """Commit the tree's deferred tokens, then write the focus state next to it.
 
-        Atomic and checksummed: a crash leaves the previous ``session.json``.
+        Atomic and checksummed: a crash leaves the previous ``session.json``, which never
+        describes more history than is committed.
         """
         folder = Path(path) if path is not None else self.tree.path
         if folder is None:
             raise MegaContextError("a RAM session has no folder: pass a path to save()")
+        self.tree.flush()
         state = {
             "budget": self.focus.budget,
             "wc": self.wc.to_dict() if self.wc is not None else None,
@@ -393,7 +459,8 @@ class Session:
                 stacklevel=2,
             )
             return
-        if wc is not None and wc.num_tokens <= self.num_tokens:
+        if wc is not None and wc.num_tokens <= self.num_tokens and wc.levels <= self.levels:
+            wc.grow(self.levels)  # levels the tree grew after the last save
             self.forced.extend(wc.extend(self.num_tokens))  # tokens committed after the last save
             self.wc = wc
             self._cache = _Cache()
@@ -422,11 +489,12 @@ def open_or_create_tree(cfg: Config, modules: Modules, path: Path, create: bool)
 
 
 def _check_tree(cfg: Config, tree: MegaContextTree, vocab: int) -> None:
-    """MegaContextError when the tree's shape differs from the config or a stored token id is out of range."""
-    if (tree.levels, tree.block_size) != (cfg.tree.levels, cfg.tree.block_size):
+    """MegaContextError when the tree's block size differs from the config or a stored token id
+    is out of range (its levels may be any: ``tree.levels`` is what a new tree starts with)."""
+    if tree.block_size != cfg.tree.block_size:
         raise MegaContextError(
-            f"tree {tree.path} has {tree.levels} levels, block size {tree.block_size} but the config says "
-            f"tree.levels={cfg.tree.levels}, tree.block_size={cfg.tree.block_size}: use the config it was made with"
+            f"tree {tree.path} has block size {tree.block_size} but the config says "
+            f"tree.block_size={cfg.tree.block_size}: use the config it was made with"
         )
     bad = tree.first_token_outside(vocab)
     if bad is not None:

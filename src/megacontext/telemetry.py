@@ -7,7 +7,9 @@ Layout inside ``RUN_DIR``::
     traces/<name>.jsonl  allocator action traces (node, action, score, budget, residency)
     wandb/               the W&B run (offline mode works without network)
 
-Every file is append-only and flushed per record. :meth:`Telemetry.offsets` returns the
+Every file is append-only and flushed per record; in a multi-process run only the main
+process writes (the others' Telemetry is built with ``writes=False``: no file, bar or W&B
+run). :meth:`Telemetry.offsets` returns the
 byte length of each file so that a resumed run can cut away records written after the
 checkpoint it resumes from (:meth:`Telemetry.truncate`) and replay them exactly.
 API keys are never read, printed or logged here; W&B finds its own credentials.
@@ -69,14 +71,15 @@ def format_validation_row(row: Mapping[str, Any]) -> str:
 class Telemetry:
     """All sinks of one run. Cheap to construct; W&B starts only when enabled."""
 
-    def __init__(self, run_dir: Path, cfg: Config, progress: bool = True) -> None:
+    def __init__(self, run_dir: Path, cfg: Config, progress: bool = True, writes: bool = True) -> None:
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "traces").mkdir(exist_ok=True)
-        self.progress_enabled = progress
+        self.writes = writes
+        if writes:
+            (self.run_dir / "traces").mkdir(parents=True, exist_ok=True)
+        self.progress_enabled = progress and writes
         self._bar: tqdm | None = None
         self._printed_header = False
-        self._wandb = self._start_wandb(cfg) if cfg.wandb.enabled else None
+        self._wandb = self._start_wandb(cfg) if cfg.wandb.enabled and writes else None
 
     # ------------------------------------------------------------------ W&B
     def _start_wandb(self, cfg: Config):
@@ -105,6 +108,8 @@ class Telemetry:
 
     # -------------------------------------------------------------- records
     def _append(self, rel: str, record: Mapping[str, Any]) -> None:
+        if not self.writes:
+            return
         path = self.run_dir / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a", encoding="utf-8") as f:
@@ -135,7 +140,7 @@ class Telemetry:
     def log_traces(self, name: str, records: Iterable[Mapping[str, Any]]) -> None:
         """Allocator action traces, appended to ``traces/<name>.jsonl``."""
         lines = "".join(json.dumps({k: _clean(v) for k, v in r.items()}, sort_keys=True) + "\n" for r in records)
-        if lines:
+        if lines and self.writes:
             with open(self.run_dir / "traces" / f"{name}.jsonl", "a", encoding="utf-8") as f:
                 f.write(lines)
 
@@ -164,6 +169,8 @@ class Telemetry:
 
     def truncate(self, offsets: Mapping[str, int]) -> None:
         """Cut every JSONL file back to ``offsets`` (files not listed are removed)."""
+        if not self.writes:
+            return
         for rel, size in self.offsets().items():
             path = self.run_dir / rel
             keep = offsets.get(rel, 0)

@@ -13,6 +13,13 @@ length of the history. A LOD(k+1) gist is always computed from its children *as 
 (rounded to the storage dtype), so a tree built in one call, in many calls, across
 reopens, or by :meth:`MegaContextTree.refresh` holds the same vectors.
 
+The levels grow with the history: :meth:`MegaContextTree.grow` adds level ``L+1`` and gists
+it from the stored level ``L`` (the same vectors streaming would have made), so a
+runtime session can add levels whenever its budget needs them. ``append(..., defer=True)``
+holds back an append that completes no block (it stays readable) and commits it with the
+next block, :meth:`~MegaContextTree.flush`, ``close`` or at interpreter exit: a decoding
+loop commits once per block, not once per token.
+
 Every tree records the version of the gister that made its gists. When the gister
 changes (another version), the gists are recomputed from LOD0 before they are used
 again: on :meth:`MegaContextTree.open`, and on the next ``append``/``gists`` call.
@@ -25,8 +32,11 @@ Backends: RAM (:meth:`MegaContextTree.create_ram`) and a crash-safe folder on di
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import operator
 import os
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,18 +47,11 @@ import torch
 
 from megacontext.errors import TreeError
 from megacontext.lock import WriterLock
-from megacontext.tree_storage import (
-    GIST_DTYPES,
-    VERSION_BYTES,
-    DiskStore,
-    Meta,
-    RamStore,
-    Store,
-    check_shape_args,
-    quantize,
-)
+from megacontext.tree_format import GIST_DTYPES, VERSION_BYTES, Meta, check_shape_args
+from megacontext.tree_storage import DiskStore, RamStore, Store, quantize
 
 CHUNK_TOKENS = 8192  # tokens per gister batch and per disk commit inside one append
+_WRITERS: weakref.WeakSet[MegaContextTree] = weakref.WeakSet()  # open for writing: flushed at exit
 _MAX_TOKEN = 2**32 - 1
 _SCAN_TOKENS = 1 << 20  # tokens per read when scanning the whole history
 
@@ -183,7 +186,10 @@ class MegaContextTree:
         self._gister = gister
         self._chunk = chunk_tokens
         self._closed = False
+        self._pending = np.empty(0, np.uint32)  # deferred appends (< K tokens, no block completed)
         self._tails = self._load_tails()
+        if gister is not None:
+            _WRITERS.add(self)
         if gister is not None and gister.version != store.meta.gist_version:
             self.refresh(gister)
 
@@ -317,6 +323,12 @@ class MegaContextTree:
 
     @property
     def num_tokens(self) -> int:
+        """Tokens in the history, deferred ones included (the committed ones: ``committed_tokens``)."""
+        return self._store.meta.committed[0] + len(self._pending)
+
+    @property
+    def committed_tokens(self) -> int:
+        """Tokens a crash would keep (all of them but the deferred ones)."""
         return self._store.meta.committed[0]
 
     @property
@@ -330,14 +342,17 @@ class MegaContextTree:
 
     def num_nodes(self, level: int) -> int:
         """Complete nodes at `level` (0 = tokens): num_tokens // K**level."""
-        return self._store.meta.committed[self._check_level(level, lowest=0)]
+        level = self._check_level(level, lowest=0)
+        return self.num_tokens if level == 0 else self._store.meta.committed[level]
 
     # ------------------------------------------------------------------- writes
-    def append(self, tokens: Sequence[int] | np.ndarray | torch.Tensor) -> None:
+    def append(self, tokens: Sequence[int] | np.ndarray | torch.Tensor, *, defer: bool = False) -> None:
         """Append token ids (1-D, each in [0, 2**32)) and the gists of every node they complete.
 
         Committed (durable, for a disk tree) every `chunk_tokens` tokens and at the end;
-        invalid input raises TreeError before anything is written.
+        with `defer`, an append that completes no block is held back instead (readable,
+        not durable) until the next commit. What is committed is always a prefix of what
+        was appended. Invalid input raises TreeError before anything is written.
         """
         self._check_open()
         ids = _as_token_array(tokens)
@@ -348,8 +363,31 @@ class MegaContextTree:
         for start in range(0, len(ids), self._chunk):
             part = ids[start : start + self._chunk]
             gists, tails = _gist_step(gister, self._tails, part, self.block_size, self.gist_dtype)
-            self._store.commit(part, gists)
-            self._tails = tails
+            part = np.concatenate([self._pending, part])
+            if not (defer and len(gists[0]) == 0):
+                self._store.commit(part, gists)
+                part = part[:0]
+            self._pending, self._tails = part, tails
+
+    def flush(self) -> None:
+        """Commit the deferred appends (nothing to do when there are none)."""
+        self._check_open()
+        if len(self._pending):
+            self._store.commit(self._pending, [torch.empty(0, self.dim)] * self.levels)
+            self._pending = self._pending[:0]
+
+    def grow(self, levels: int) -> None:
+        """Add gist levels until the tree has `levels` (nothing when it has them already).
+
+        Level ``L+1`` is gisted from the stored level ``L``, ``chunk_tokens`` children per
+        gister call, and committed on its own (a disk tree: ``docs/storage-format.md``).
+        """
+        self._check_open()
+        gister = self._require_gister("grow it")
+        self._ensure_fresh()
+        while self.levels < levels:
+            self._store.add_level(self._parents(gister, self.levels))
+        self._tails = self._load_tails()
 
     def refresh(self, gister: Gister | None = None) -> None:
         """Recompute every gist from LOD0 with `gister` (default: the tree's own) and record its version.
@@ -374,6 +412,18 @@ class MegaContextTree:
         self._gister = gister
         self._tails = self._load_tails()
 
+    def _parents(self, gister: Gister, level: int) -> Iterator[torch.Tensor]:
+        """The gists of every complete level-(`level`+1) node, from the stored level `level`:
+        float32 [m, d] per gister call, rounded to the gist dtype."""
+        K, d = self.block_size, self.dim
+        n = (self.num_nodes(level) // K) * K
+        step = max(K, (self._chunk // K) * K)
+        with torch.no_grad():
+            for start in range(0, n, step):
+                children = self._store.read_gists(level, slice(start, min(start + step, n)))
+                out = _checked(gister.gist(level + 1, children.reshape(-1, K, d)), len(children) // K, d, "gist")
+                yield quantize(out.detach().to("cpu", torch.float32), self.gist_dtype)
+
     # -------------------------------------------------------------------- reads
     def tokens(self, start: int = 0, end: int | None = None) -> np.ndarray:
         """Token ids [start, end) as uint32 [end - start] (a copy)."""
@@ -381,7 +431,9 @@ class MegaContextTree:
         end = self.num_tokens if end is None else end
         if not (0 <= start <= end <= self.num_tokens):
             raise TreeError(f"token range [{start}, {end}) is outside the history [0, {self.num_tokens})")
-        return self._store.read_tokens(start, end)
+        c = self.committed_tokens
+        out = self._store.read_tokens(min(start, c), min(end, c))
+        return out if end <= c else np.concatenate([out, self._pending[max(start - c, 0) : end - c]])
 
     def max_token(self) -> int:
         """The largest token id in the history (-1 when it is empty); streams LOD0 in chunks."""
@@ -399,7 +451,7 @@ class MegaContextTree:
         """(start, uint32 ids [<= _SCAN_TOKENS]) covering the history in order."""
         self._check_open()
         for start in range(0, self.num_tokens, _SCAN_TOKENS):
-            yield start, self._store.read_tokens(start, min(start + _SCAN_TOKENS, self.num_tokens))
+            yield start, self.tokens(start, min(start + _SCAN_TOKENS, self.num_tokens))
 
     def gists(self, level: int, indices: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
         """Gists of nodes (level, i) for i in `indices` [n] -> float32 [n, d] on the CPU."""
@@ -422,10 +474,14 @@ class MegaContextTree:
 
     # ---------------------------------------------------------------- lifecycle
     def close(self) -> None:
-        """Release files and memory maps (a disk tree is already durable). Idempotent."""
+        """Commit the deferred appends, then release files and memory maps. Idempotent."""
         if not self._closed:
-            self._store.close()
-            self._closed = True
+            try:
+                self.flush()
+            finally:
+                self._store.close()
+                self._closed = True
+                _WRITERS.discard(self)
 
     def __enter__(self) -> MegaContextTree:
         return self
@@ -440,9 +496,9 @@ class MegaContextTree:
 
     # ------------------------------------------------------------------ helpers
     def _load_tails(self) -> _Tails:
-        """The children without a complete parent, read back from storage."""
-        K, counts = self.block_size, self._store.meta.committed
-        tokens = self._store.read_tokens((counts[0] // K) * K, counts[0])
+        """The children without a complete parent, read back from storage (and the deferred tokens)."""
+        K, counts, n = self.block_size, self._store.meta.committed, self.num_tokens
+        tokens = self.tokens((n // K) * K, n)
         gists = tuple(self._store.read_gists(k, slice((counts[k] // K) * K, counts[k])) for k in range(1, self.levels))
         return _Tails(tokens, gists)
 
@@ -473,3 +529,14 @@ class MegaContextTree:
         if value is None or not lowest <= value <= self.levels:
             raise TreeError(f"level must be an integer in {lowest}..{self.levels}, got {level!r}")
         return value
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    """Commit what open trees hold back when the interpreter exits (a full disk: they keep their last commit)."""
+    for tree in list(_WRITERS):
+        with contextlib.suppress(OSError, TreeError):
+            tree.close()
+
+
+os.register_at_fork(after_in_child=_WRITERS.clear)  # a forked child never commits (or unlocks) its parent's trees

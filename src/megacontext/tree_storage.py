@@ -1,27 +1,21 @@
 """Binary storage behind a :class:`megacontext.tree.MegaContextTree`: RAM and disk backends.
 
-The exact on-disk format and its commit protocol are specified in
-``docs/storage-format.md``; this module is its implementation. In brief, a disk tree is
-one folder holding ``LOD0.ctx`` (uint32 token ids), ``LOD1.ctx`` .. ``LOD{L}.ctx`` (gist
-vectors in the tree's gist dtype, row-major), each behind a fixed ``HEADER_SIZE``-byte
-header (magic, format version, shape, dtype, model name, gister version), and
-``metadata.json``, the commit record that holds the committed length and the CRC-32 of
-the committed data of every level (and a checksum of itself). Data is written past the
-committed end and fsynced first; replacing ``metadata.json`` atomically is the durability
-point, so bytes past the committed lengths are ignored (and dropped when the tree is next
-opened for writing). Opening a tree reads its committed data once to check the CRC-32s,
-so a flipped or overwritten byte is reported instead of being read as history.
-A store open for writing holds the tree's ``writer.lock`` (:mod:`megacontext.lock`).
+``docs/storage-format.md`` specifies the disk format and its commit protocol; this module
+implements it (the format's constants, metadata and headers: :mod:`megacontext.tree_format`). A disk tree is a folder of level files (``LOD0.ctx`` token ids, ``LOD{k}.ctx``
+gists, each behind a ``HEADER_SIZE``-byte header) and ``metadata.json``, the commit record
+(committed length and CRC-32 of every level, its own checksum). Data is written past the
+committed end and fsynced first; replacing ``metadata.json`` atomically is the commit point.
+Levels are added as the history grows (:meth:`DiskStore.add_level`). A store open for
+writing holds the tree's ``writer.lock`` (:mod:`megacontext.lock`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import struct
 import zlib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -31,21 +25,10 @@ import torch
 from megacontext.durable import checksum_ok, fsync_dir, replace_file, with_checksum
 from megacontext.errors import TreeError
 from megacontext.lock import LOCK_FILE, WriterLock
+from megacontext.tree_format import HEADER_SIZE, METADATA_FILE, NUMPY_DTYPES, Header, Meta, level_file
 
-MAGIC = b"MEGACTX\x00"
-FORMAT_VERSION = 1
-HEADER_SIZE = 512  # bytes before the first item of every level file
-METADATA_FILE = "metadata.json"
-FORMAT_NAME = "megacontext-tree"
-GIST_DTYPES = ("float16", "bfloat16", "float32")
-MODEL_NAME_BYTES = 256
-VERSION_BYTES = 64
 _CRC_BLOCK = 1 << 24  # bytes per read when checking a level file's CRC-32
-
-# magic | format version | level | levels | block size | dim | reserved | dtype | model | gist version
-_HEADER = struct.Struct("<8sIIIIII8s256s64s")
 _TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-_NUMPY_DTYPES = {"uint32": np.uint32, "float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}
 
 
 # ----------------------------------------------------------------------------- values
@@ -70,132 +53,6 @@ def quantize(g: torch.Tensor, dtype: str) -> torch.Tensor:
     return g if dtype == "float32" else g.to(_TORCH_DTYPES[dtype]).float()
 
 
-def check_shape_args(block_size: int, levels: int, dim: int) -> None:
-    """TreeError unless block_size >= 2, levels >= 1 and dim >= 1 are ints (for new trees and metadata.json)."""
-    for name, value, least in (("block_size", block_size, 2), ("levels", levels, 1), ("dim", dim, 1)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < least:
-            raise TreeError(f"{name} must be an integer >= {least}, got {value!r}")
-
-
-# -------------------------------------------------------------------------- metadata
-@dataclass(frozen=True)
-class Meta:
-    """Everything metadata.json records; `committed[k]` = items at level k (0 = tokens)."""
-
-    block_size: int
-    levels: int
-    dim: int
-    gist_dtype: str
-    model_name: str
-    tokenizer_hash: str
-    gist_version: str
-    committed: tuple[int, ...]
-
-    def to_json(self) -> dict:
-        return {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "block_size": self.block_size,
-            "levels": self.levels,
-            "dim": self.dim,
-            "gist_dtype": self.gist_dtype,
-            "model_name": self.model_name,
-            "tokenizer_hash": self.tokenizer_hash,
-            "gist_version": self.gist_version,
-            "committed": {f"LOD{k}": n for k, n in enumerate(self.committed)},
-        }
-
-    @classmethod
-    def from_json(cls, data: object, where: Path) -> Meta:
-        if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
-            raise TreeError(f"{where} is not MegaContext tree metadata")
-        if data.get("format_version") != FORMAT_VERSION:
-            raise TreeError(
-                f"{where} has format version {data.get('format_version')!r}; this megacontext reads version {FORMAT_VERSION}"
-            )
-        fields = {"block_size": int, "levels": int, "dim": int, "gist_dtype": str, "model_name": str,
-                  "tokenizer_hash": str, "gist_version": str, "committed": dict}
-        for key, tp in fields.items():
-            if not isinstance(data.get(key), tp) or isinstance(data.get(key), bool):
-                raise TreeError(f"{where}: field {key!r} is missing or not a {tp.__name__}")
-        if data["gist_dtype"] not in GIST_DTYPES:
-            raise TreeError(f"{where}: unknown gist_dtype {data['gist_dtype']!r}")
-        try:
-            check_shape_args(data["block_size"], data["levels"], data["dim"])
-        except TreeError as e:
-            raise TreeError(f"{where}: {e}") from None
-        committed = tuple(data["committed"].get(f"LOD{k}") for k in range(data["levels"] + 1))
-        K, n = data["block_size"], committed[0]
-        if not all(isinstance(c, int) and c >= 0 for c in committed) or any(
-            c != n // K**k for k, c in enumerate(committed)
-        ):
-            raise TreeError(f"{where}: committed lengths {data['committed']} do not follow num_nodes(k) = tokens // {K}**k")
-        return cls(K, data["levels"], data["dim"], data["gist_dtype"], data["model_name"],
-                   data["tokenizer_hash"], data["gist_version"], committed)
-
-    def level_dtype(self, level: int) -> str:
-        return "uint32" if level == 0 else self.gist_dtype
-
-    def item_bytes(self, level: int) -> int:
-        return 4 if level == 0 else self.dim * np.dtype(_NUMPY_DTYPES[self.gist_dtype]).itemsize
-
-    def row_shape(self, level: int) -> tuple[int, ...]:
-        return () if level == 0 else (self.dim,)
-
-
-def _fixed(text: str, width: int) -> bytes:
-    """UTF-8, cut to `width` bytes, NUL-padded (what a fixed-width header field holds)."""
-    return text.encode("utf-8")[:width].ljust(width, b"\0")
-
-
-@dataclass(frozen=True)
-class Header:
-    """The fixed 512-byte header of one level file (layout: docs/storage-format.md)."""
-
-    level: int
-    levels: int
-    block_size: int
-    dim: int
-    dtype: str
-    model_name: bytes  # fixed width, NUL-padded
-    gist_version: str  # "" for LOD0
-
-    @classmethod
-    def for_level(cls, meta: Meta, level: int, gist_version: str) -> Header:
-        return cls(level, meta.levels, meta.block_size, meta.dim, meta.level_dtype(level),
-                   _fixed(meta.model_name, MODEL_NAME_BYTES), "" if level == 0 else gist_version)
-
-    def pack(self) -> bytes:
-        raw = _HEADER.pack(MAGIC, FORMAT_VERSION, self.level, self.levels, self.block_size, self.dim, 0,
-                           _fixed(self.dtype, 8), self.model_name, _fixed(self.gist_version, VERSION_BYTES))
-        return raw.ljust(HEADER_SIZE, b"\0")
-
-    @classmethod
-    def read(cls, file: Path) -> Header:
-        if not file.is_file():
-            raise TreeError(f"{file} is missing: the tree is damaged")
-        with open(file, "rb") as f:
-            raw = f.read(HEADER_SIZE)
-        if len(raw) < HEADER_SIZE:
-            raise TreeError(f"{file} is too short to hold a {HEADER_SIZE}-byte header: the tree is damaged")
-        magic, version, level, levels, block, dim, _, dtype, model, gist_version = _HEADER.unpack_from(raw)
-        if magic != MAGIC:
-            raise TreeError(f"{file} has a bad magic number: not a MegaContext level file")
-        if version != FORMAT_VERSION:
-            raise TreeError(f"{file} has format version {version}; this megacontext reads version {FORMAT_VERSION}")
-        return cls(level, levels, block, dim, dtype.rstrip(b"\0").decode("ascii", "replace"), model,
-                   gist_version.rstrip(b"\0").decode("ascii", "replace"))
-
-    def check(self, expected: Header, file: Path) -> None:
-        """TreeError naming the first field where this header disagrees with metadata.json."""
-        for name in ("level", "levels", "block_size", "dim", "dtype", "model_name"):
-            got, want = getattr(self, name), getattr(expected, name)
-            if got != want:
-                if isinstance(got, bytes):
-                    got, want = (v.rstrip(b"\0").decode("utf-8", "replace") for v in (got, want))
-                raise TreeError(f"{file} header says {name}={got!r} but metadata.json says {want!r}")
-
-
 # --------------------------------------------------------------------------- backends
 class Store(Protocol):
     """Storage behind a tree. `meta.committed` = items per level; reads stay inside it."""
@@ -210,6 +67,8 @@ class Store(Protocol):
     def commit(self, tokens: np.ndarray, gists: Sequence[torch.Tensor]) -> None: ...
 
     def rewrite(self, version: str, chunks: Iterable[Sequence[torch.Tensor]]) -> None: ...
+
+    def add_level(self, gists: Iterable[torch.Tensor]) -> None: ...
 
     def bytes_on_disk(self) -> int: ...
 
@@ -234,6 +93,14 @@ class _Growable:
 
     def view(self) -> np.ndarray:
         return self._data[: self.size]
+
+
+def _filled(levels: list[_Growable], chunks: Iterable[Sequence[torch.Tensor]]) -> list[_Growable]:
+    """``levels``, each chunk's gists (``chunk[j]``: [n, d]) appended to ``levels[j]``."""
+    for gists in chunks:
+        for store, g in zip(levels, gists):
+            store.append(g.numpy())
+    return levels
 
 
 class RamStore:
@@ -262,12 +129,13 @@ class RamStore:
         self.meta = replace(self.meta, committed=(self._tokens.size, *(g.size for g in self._gists)))
 
     def rewrite(self, version: str, chunks: Iterable[Sequence[torch.Tensor]]) -> None:
-        fresh = self._empty_gists()
-        for gists in chunks:
-            for store, g in zip(fresh, gists):
-                store.append(g.numpy())
-        self._gists = fresh
+        self._gists = _filled(self._empty_gists(), chunks)
         self.meta = replace(self.meta, gist_version=version)
+
+    def add_level(self, gists: Iterable[torch.Tensor]) -> None:
+        """Level L+1, its gists [n, d] given in order."""
+        self._gists += _filled([_Growable(np.float32, (self.meta.dim,))], ((g,) for g in gists))
+        self.meta = replace(self.meta, levels=self.meta.levels + 1, committed=(*self.meta.committed, self._gists[-1].size))
 
     def bytes_on_disk(self) -> int:
         return 0
@@ -320,8 +188,20 @@ def _crc32(file: Path, nbytes: int) -> int:
     return crc
 
 
-def level_file(folder: Path, level: int) -> Path:
-    return folder / f"LOD{level}.ctx"
+
+def _stream(files: Sequence[BinaryIO], chunks: Iterable[Sequence[torch.Tensor]], dtype: str) -> list[int]:
+    """Append each chunk's gists (``chunk[j]``: [n, d]) to ``files[j]``, then fsync them all;
+    -> the CRC-32 of what each file got."""
+    crc = [0] * len(files)
+    for gists in chunks:
+        for j, (f, g) in enumerate(zip(files, gists)):
+            data = _encode(g, dtype).tobytes()
+            f.write(data)
+            crc[j] = zlib.crc32(data, crc[j])
+    for f in files:
+        f.flush()
+        os.fsync(f.fileno())
+    return crc
 
 
 class DiskStore:
@@ -381,14 +261,12 @@ class DiskStore:
     def load(cls, path: Path, verify: bool = True) -> DiskStore:
         """Validate a tree folder without changing anything (TreeError when it is not sound).
 
-        `meta.gist_version` of the result is the version the gist files actually hold:
-        that of their headers when they agree, "" when they disagree (an interrupted
-        refresh; the gists must be recomputed before use). With `verify`, the committed
-        data of every level is read once and checked against its CRC-32 in metadata.json;
-        a gist file whose header carries another version than metadata.json was swapped in
-        by a refresh that crashed before its commit, so its recorded CRC-32 is the old
-        file's and it is adopted unchecked (as is every level of a tree written before
-        CRC-32s were recorded). Without `verify`, `crc` is left unknown.
+        `meta.gist_version` of the result is the version the gist files hold: their headers'
+        when they agree, "" when not (an interrupted refresh: recompute before use). With
+        `verify`, every level's committed data is checked against its CRC-32, except a gist
+        file swapped in by a refresh that crashed before its commit (its header version is
+        not metadata.json's) and the levels of trees written before CRC-32s were recorded.
+        Without `verify`, `crc` is left unknown.
         """
         if not path.exists():
             raise TreeError(f"no MegaContext tree at {path}: the folder does not exist")
@@ -430,7 +308,8 @@ class DiskStore:
         """
         assert self.crc is not None, "a store is opened for writing only after load(verify=True)"
         self._lock = lock
-        for leftover in [self.path / (METADATA_FILE + ".tmp"), *self._refresh_files()]:
+        grown = level_file(self.path, self.meta.levels + 1)  # a level added by a growth that crashed before its commit
+        for leftover in [self.path / (METADATA_FILE + ".tmp"), *self._refresh_files(), grown]:
             leftover.unlink(missing_ok=True)
         try:
             for level in range(self.meta.levels + 1):
@@ -453,7 +332,7 @@ class DiskStore:
         n = self.meta.committed[level]
         mapped = self._maps[level]
         if mapped is None or len(mapped) < n:
-            dtype = _NUMPY_DTYPES[self.meta.level_dtype(level)]
+            dtype = NUMPY_DTYPES[self.meta.level_dtype(level)]
             shape = (n, *self.meta.row_shape(level))
             mapped = (np.memmap(level_file(self.path, level), dtype=dtype, mode="r", offset=HEADER_SIZE, shape=shape)
                       if n else np.empty(shape, dtype))
@@ -492,18 +371,10 @@ class DiskStore:
         """
         tmp_paths = self._refresh_files()
         files = [open(p, "wb") for p in tmp_paths]
-        crc = [self.crc[0]] + [0] * self.meta.levels
         try:
             for k, f in enumerate(files, start=1):
                 f.write(Header.for_level(self.meta, k, version).pack())
-            for gists in chunks:
-                for k, (f, g) in enumerate(zip(files, gists), start=1):
-                    data = _encode(g, self.meta.gist_dtype).tobytes()
-                    f.write(data)
-                    crc[k] = zlib.crc32(data, crc[k])
-            for f in files:
-                f.flush()
-                os.fsync(f.fileno())
+            crc = [self.crc[0], *_stream(files, chunks, self.meta.gist_dtype)]
         except BaseException:
             for f, p in zip(files, tmp_paths):
                 f.close()
@@ -522,6 +393,26 @@ class DiskStore:
         meta = replace(self.meta, gist_version=version)
         _write_metadata(self.path, meta, crc)
         self.meta, self.crc = meta, tuple(crc)
+
+    def add_level(self, gists: Iterable[torch.Tensor]) -> None:
+        """Write LOD{L+1}.ctx (header, then the gists [n, d] given in order), fsync it and the
+        folder, then commit metadata.json with one more level. Before that commit the file is
+        not part of the tree (the next writer deletes it)."""
+        level = self.meta.levels + 1
+        meta = replace(self.meta, levels=level)
+        f = open(level_file(self.path, level), "w+b")
+        try:
+            f.write(Header.for_level(meta, level, meta.gist_version).pack())
+            crc = (*self.crc, *_stream([f], ((g,) for g in gists), meta.gist_dtype))
+            fsync_dir(self.path)
+            meta = replace(meta, committed=(*meta.committed, (f.tell() - HEADER_SIZE) // meta.item_bytes(level)))
+            _write_metadata(self.path, meta, crc)
+        except BaseException:
+            f.close()
+            raise
+        self.meta, self.crc = meta, crc
+        self._files.append(f)
+        self._maps.append(None)
 
     def bytes_on_disk(self) -> int:
         files = [level_file(self.path, k) for k in range(self.meta.levels + 1)] + [self.path / METADATA_FILE]

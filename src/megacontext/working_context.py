@@ -73,6 +73,14 @@ def minimum_cost(num_tokens: int, block_size: int, levels: int, tail_blocks: int
     return cost
 
 
+def fitting_levels(num_tokens: int, block_size: int, levels: int, tail_blocks: int, budget: int) -> int:
+    """The fewest levels >= ``levels`` whose cheapest tiling fits ``budget`` (none: the most that help)."""
+    tail = tail_start_of(num_tokens, block_size, tail_blocks)
+    while minimum_cost(num_tokens, block_size, levels, tail_blocks) > budget and block_size ** (levels + 1) <= tail:
+        levels += 1
+    return levels
+
+
 def tail_start_of(num_tokens: int, block_size: int, tail_blocks: int) -> int:
     """First token of the raw tail: the unfinished block plus ``tail_blocks`` full blocks."""
     return max(0, num_tokens // block_size - tail_blocks) * block_size
@@ -184,6 +192,10 @@ class WorkingContext:
         self.step += 1
         self._last = {n: a for n, a in self._last.items() if self.step - a[1] <= cooldown}
         return self.step
+
+    def grow(self, levels: int) -> None:
+        """The tree grew: entries may now be (and collapse up to) ``levels`` levels; none changes."""
+        self.levels = max(self.levels, levels)
 
     def copy(self) -> WorkingContext:
         """Independent copy (e.g. to try counterfactual edits)."""

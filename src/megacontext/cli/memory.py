@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from megacontext.cli import add_checkpoint, add_common, load_args_config
@@ -17,8 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="tokenize text and append it to a tree on disk",
         description="Tokenize a UTF-8 text file (or stdin with '-') with the configured base's "
         "tokenizer and append it to a MegaContext tree on disk, computing the gists of every "
-        "completed block. The tree is created if DIR does not exist; ingesting more text later "
-        "appends to the same history.",
+        "completed block. The tree is created if DIR does not exist (with tree.levels gist "
+        "levels; it grows more when a session's budget needs them); ingesting more text later "
+        "appends to the same history. Any length fits: see generate --help for the budget.",
     )
     add_common(p)
     p.add_argument("--tree", required=True, metavar="DIR", help="tree folder (created if missing)")
@@ -29,8 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "inspect",
         help="show a tree's size, levels and gist version",
-        description="Report a tree's token count, nodes per level, gist version and bytes on "
-        "disk. Needs no model.",
+        description="Report a tree's token count, gist levels (including the ones it grew), "
+        "nodes per level, gist version and bytes on disk. Needs no model.",
     )
     add_common(p)
     p.add_argument("--tree", required=True, metavar="DIR", help="tree folder")
@@ -43,7 +47,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Open a tree as a session, append the prompt to its history, and generate a "
         "continuation with the base reading a working context of at most --budget cost units "
         "(raw tokens where the focus policy wants detail, gists elsewhere). The prompt and the "
-        "continuation become part of the history.",
+        "continuation become part of the history, committed once per block of K tokens and "
+        "when the command ends (also on Ctrl-C or SIGTERM). When the history outgrows the "
+        "budget at the tree's levels, the tree grows the next level (LOD3, LOD4, ...), so any "
+        "history fits a budget of at least (tail_blocks + 1) * K - 1 + (K - 1) * D, for "
+        "histories of fewer than K**(D + 1) tokens: with K=32 and one tail block, 156 serves a million "
+        "tokens, 256 up to 3e10.",
     )
     add_common(p)
     p.add_argument("--tree", required=True, metavar="DIR", help="tree folder (made by ingest)")
@@ -55,6 +64,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_checkpoint(p)
     p.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
     p.set_defaults(func=cmd_generate)
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """Inside the block SIGTERM raises KeyboardInterrupt, so a session closes (committing its
+    tree) as it does on Ctrl-C."""
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt("terminated (SIGTERM)")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _read_input(path: str) -> str:
@@ -80,7 +103,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
     mc = MegaContext.load(cfg, args.checkpoint)
     ids = mc.encode(text)
-    with mc.session(args.tree) as session:  # an interrupted or failing append says what the tree kept
+    with _sigterm_interrupts(), mc.session(args.tree) as session:  # an interrupted or failing append says what the tree kept
         before = session.num_tokens
         with tqdm(total=len(ids), unit="tok", desc="ingest", disable=not sys.stderr.isatty()) as bar:
             session.append(ids, progress=bar.update)
@@ -101,6 +124,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     else:
         print(f"tree {args.tree}")
         print(f"  tokens         {info['tokens']}")
+        print(f"  gist levels    {info['levels']}")
         for k, v in info["nodes_per_level"].items():
             print(f"  LOD{k} gists     {v}")
         print(f"  gist version   {info['gist_version']}")
@@ -124,7 +148,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not Path(args.tree).exists():
         raise MegaContextError(f"no tree at {args.tree}: create one with `megacontext ingest --tree {args.tree} --input FILE`")
     mc = MegaContext.load(cfg, args.checkpoint)
-    with mc.session(args.tree, budget=cfg.focus.budget, create=False) as session:  # budget checked before the tree opens
+    with _sigterm_interrupts(), mc.session(args.tree, budget=cfg.focus.budget, create=False) as session:  # budget checked first
         text = session.generate(args.prompt, args.max_new_tokens, temperature=args.temperature)
         summary = session.window().summary()
     if args.json:

@@ -274,14 +274,14 @@ class LiveTraining:
 @contextmanager
 def _live_telemetry(view: LiveTraining) -> Iterator[None]:
     """Inside the block, the training loop's Telemetry also drives ``view`` (its own tqdm
-    progress is off). The loop builds ``Telemetry(run_dir, cfg, progress)`` by name, so the
-    subclass is put in its place for the block."""
+    progress is off). The loop builds ``Telemetry(run_dir, cfg, progress, writes=...)`` by name,
+    so the subclass is put in its place for the block."""
     from megacontext.telemetry import Telemetry
     from megacontext.training import loop
 
     class LiveTelemetry(Telemetry):
-        def __init__(self, run_dir, cfg, progress=True):
-            super().__init__(run_dir, cfg, progress=False)
+        def __init__(self, run_dir, cfg, progress=True, writes=True):
+            super().__init__(run_dir, cfg, progress=False, writes=writes)
             view.opened(self.run_dir)
 
         def start_phase(self, label, total, done):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from megacontext.cli import add_common, load_args_config
@@ -42,23 +42,27 @@ def register(sub: argparse._SubParsersAction) -> None:
 @contextmanager
 def locked_run(cfg: Config, out_dir: str | None, resume: str | None) -> Iterator[Path]:
     """The run folder training will use, created and write-locked for the block (a second
-    writer of the same folder is refused at once, naming this process)."""
+    writer of the same folder is refused at once, naming this process). Under ``accelerate
+    launch`` every process gets the same folder and the main process, the one that writes,
+    holds the lock."""
     from megacontext.lock import WriterLock
-    from megacontext.training.loop import resolve_run_dir
+    from megacontext.training.loop import processes, resolve_run_dir
 
     run_dir = resolve_run_dir(cfg, out_dir, resume)
     run_dir.mkdir(parents=True, exist_ok=True)
-    with WriterLock(run_dir, "run"):
+    with WriterLock(run_dir, "run") if processes(cfg).is_main_process else nullcontext():
         yield run_dir
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_args_config(args)  # first: it may switch the hub to offline mode before the imports below
 
-    from megacontext.training.loop import train
+    from megacontext.training.loop import processes, train
 
     with locked_run(cfg, args.out, args.resume) as run_dir:
         summary = train(cfg, out_dir=run_dir, cycles=args.cycles, resume=args.resume, progress=not args.no_progress)
+    if not processes(cfg).is_main_process:  # under accelerate launch: the main process reports
+        return 0
     final = summary["final"]
     print(f"run         {summary['run_dir']}")
     print(f"checkpoint  {summary['checkpoint']}")

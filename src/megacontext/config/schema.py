@@ -106,7 +106,7 @@ class TreeShape:
 @dataclass
 class TreeConfig:
     block_size: int = 32  # K: tokens per block, children per gist
-    levels: int = 2  # gist levels above LOD0
+    levels: int = 2  # gist levels a new tree starts with, and that GistNet/LensNet are built for; trees grow more
     gist_dtype: Literal["float16", "bfloat16", "float32"] = "float16"  # on-disk dtype
 
     @property

@@ -11,10 +11,12 @@ megacontext / recency / reference, swap rate, residency) and checkpoints. Mid-ph
 checkpoints every ``train.checkpoint_every`` steps make a SIGKILL cost at most that many
 steps; ``--resume`` replays the rest bit-identically on CPU.
 
-Data parallelism (``accelerate launch``): each process takes its share of every step's
-windows and gradients are averaged explicitly before the step — the modules are not
-DDP-wrapped because which one trains flips between phases; only the main process writes
-labels and checkpoints.
+Data parallelism (``accelerate launch``): each process takes an equal share of every step's
+windows (and of a lens phase's label steps) and gradients are averaged explicitly before the
+step — the modules are not DDP-wrapped because which one trains flips between phases. Step
+metrics are averaged over the processes; after every phase the processes check that they
+hold the same trainable weights. Only the main process writes: labels, telemetry,
+checkpoints, the run folder's lock (``cli.train.locked_run``).
 """
 
 from __future__ import annotations
@@ -36,9 +38,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 import yaml
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
+from accelerate.utils import broadcast_object_list, gather_object
 
-from megacontext.base_model import BaseModel
+from megacontext.base_model import BaseModel, resolve_device
 from megacontext.checkpoint import (
     Checkpoint,
     CheckpointWarning,
@@ -65,6 +68,7 @@ from megacontext.training.labels import (
 )
 from megacontext.training.phases import PHASE_BY_NAME, PHASES, Phase, label_step, lens_examples, lens_step
 from megacontext.training.validation import validate
+from megacontext.weights import module_version
 
 
 # ------------------------------------------------------------------------ schedule
@@ -140,9 +144,22 @@ class TrainState:
         return [row["loss_megacontext"] for row in self.validation if row["name"] in ends]
 
 
+# ------------------------------------------------------------------------ processes
+def processes(cfg: Config) -> PartialState:
+    """This process's place among those ``accelerate launch`` started (alone without it). Made
+    before the base loads: it gives each process its own GPU (gloo on CPU)."""
+    return PartialState(cpu=resolve_device(cfg.base.device).type == "cpu")
+
+
+def trainable_version(m: Modules) -> str:
+    """Versions of GistNet, LensNet and the LoRA weights (what the processes must agree on)."""
+    return "-".join((module_version(m.gistnet), module_version(m.lensnet), m.adapter_version()))
+
+
 # ------------------------------------------------------------------------ run folder
 def resolve_run_dir(cfg: Config, out_dir: str | os.PathLike | None, resume: str | None) -> Path:
-    """``--out``; else the run of the ``--resume`` checkpoint; else a new timestamped run."""
+    """``--out``; else the run of the ``--resume`` checkpoint; else a new timestamped run
+    (the main process's choice in every process)."""
     runs = cfg.artifact_root / "runs"
     if out_dir is not None:
         run_dir = Path(out_dir).expanduser().resolve()
@@ -158,6 +175,8 @@ def resolve_run_dir(cfg: Config, out_dir: str | os.PathLike | None, resume: str 
         run_dir = runs / f"{stamp}-{cfg.fingerprint()[:8]}"
     if resume is None and list_checkpoints(run_dir / "checkpoints"):  # not: only the temp folder of a killed first save
         raise MegaContextError(f"{run_dir} already holds a training run: add --resume latest, or pick another --out")
+    if processes(cfg).num_processes > 1:
+        run_dir = Path(broadcast_object_list([str(run_dir)])[0])
     return run_dir
 
 
@@ -196,27 +215,29 @@ def phase_labels(ctx: Context, plan: PhasePlan, regenerate: bool) -> list[list[L
     the labels with the current (frozen) GistNet and LensNet first — at the start of every
     LensNet phase; a resumed mid-phase run reads the saved ones.
     """
-    cfg, m = ctx.cfg, ctx.modules
+    cfg, m, acc = ctx.cfg, ctx.modules, ctx.accelerator
     m.set_trainable(None)
     folder = ctx.run_dir / "deltas" / f"cycle{plan.cycle}"
     label_steps = -(-plan.steps // cfg.train.labels.reuse)
-    if regenerate and ctx.accelerator.is_main_process:
+    if regenerate:
         sampler = _sampler(ctx, plan, "labels")
         version = m.gist_version()
-        snapshots, rows = [], []
-        ctx.telemetry.start_phase(f"c{plan.cycle} {plan.phase} labels", label_steps, 0)
-        for step in range(label_steps):
+        mine = range(acc.process_index, label_steps, acc.num_processes)  # every label step, in one process
+        made: list[tuple[Snapshot, LabelRows]] = []
+        ctx.telemetry.start_phase(f"c{plan.cycle} {plan.phase} labels", len(mine), 0)
+        for step in mine:
             rng = np.random.default_rng(derive_seed(cfg.seed, plan.cycle, plan.phase, "labels", step))
             windows = sampler.batch(step, cfg.train.labels.snapshots)
-            s, r = label_step(m, cfg, windows, rng, plan.cycle, step, plan.spec.in_cycle, version)
-            snapshots += s
-            rows += r
+            made += zip(*label_step(m, cfg, windows, rng, plan.cycle, step, plan.spec.in_cycle, version))
             ctx.telemetry.advance()
         ctx.telemetry.end_phase()
-        write_labels(folder, snapshots, rows)
+        if acc.num_processes > 1:
+            made = sorted(gather_object(made), key=lambda pair: pair[0].step)  # stable: snapshot order kept
+        if acc.is_main_process:
+            write_labels(folder, [s for s, _ in made], [r for _, r in made])
+        acc.wait_for_everyone()
         for name in (SNAPSHOTS, LABELS):
             ctx.state.labels_sha256[str((folder / name).relative_to(ctx.run_dir))] = sha256_file(folder / name)
-    ctx.accelerator.wait_for_everyone()
     snapshots, rows = _read_labels_checked(ctx, folder)
     by_step: list[list[LensExample]] = [[] for _ in range(label_steps)]
     examples = lens_examples(m, cfg, snapshots, rows)
@@ -259,7 +280,7 @@ def run_phase(ctx: Context, plan: PhasePlan, resume_from: Checkpoint | None) -> 
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
     state.phase, state.step = plan.name, start
-    optimizer, scheduler = acc.prepare(optimizer, scheduler)
+    optimizer = acc.prepare(optimizer)  # not the scheduler: accelerate would step it once per process
 
     sampler = _sampler(ctx, plan)
     tel.start_phase(f"c{plan.cycle} {plan.phase}", plan.steps, start)
@@ -279,7 +300,8 @@ def run_phase(ctx: Context, plan: PhasePlan, resume_from: Checkpoint | None) -> 
         optimizer.step()
         scheduler.step()
         state.step, state.global_step = step + 1, state.global_step + 1
-        metrics = {**out.metrics, "grad_norm": float(grad_norm), "lr": float(scheduler.get_last_lr()[0])}
+        metrics = {**_mean_over_processes(acc, out.metrics), "grad_norm": float(grad_norm),
+                   "lr": float(scheduler.get_last_lr()[0])}
         tel.log_step(plan.phase, plan.cycle, step, state.global_step, metrics)
         every = cfg.train.checkpoint_every
         if every > 0 and state.step % every == 0 and state.step < plan.steps:
@@ -292,6 +314,8 @@ def run_phase(ctx: Context, plan: PhasePlan, resume_from: Checkpoint | None) -> 
     version = m.gist_version()
     row = {"cycle": plan.cycle, "phase": plan.phase, "name": plan.name, "steps": plan.steps,
            "gist_version": version, **metrics}
+    if acc.num_processes > 1:
+        row["process_weights"] = _same_weights_everywhere(acc, m, plan.name)
     tel.log_validation(row, state.global_step)
     tel.log_traces(plan.name, traces)
     state.validation.append(row)
@@ -303,12 +327,39 @@ def run_phase(ctx: Context, plan: PhasePlan, resume_from: Checkpoint | None) -> 
 
 
 def _average_gradients(acc: Accelerator, params: list[torch.nn.Parameter]) -> None:
-    """Data parallelism: mean of every gradient over processes (no-op in one process)."""
+    """Data parallelism: every gradient becomes its mean over the processes, in one all-reduce
+    (no-op in one process). A parameter no window of a process reached counts as a zero
+    gradient there; one no process reached keeps no gradient, as in one process."""
     if acc.num_processes == 1:
         return
-    for p in params:
-        if p.grad is not None:
-            p.grad.copy_(acc.reduce(p.grad, reduction="mean"))
+    reached = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=acc.device)
+    grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float() for p in params]
+    flat = acc.reduce(torch.cat([reached, *grads]), reduction="sum")
+    offset = len(params)
+    for p, anywhere in zip(params, flat[: len(params)].tolist()):
+        mean = flat[offset : offset + p.numel()] / acc.num_processes
+        p.grad = mean.view_as(p).to(p.dtype) if anywhere else None
+        offset += p.numel()
+
+
+def _mean_over_processes(acc: Accelerator, metrics: dict[str, float]) -> dict[str, float]:
+    """Each step metric's mean over the processes (each saw an equal share of the step's windows)."""
+    if acc.num_processes == 1:
+        return metrics
+    every = gather_object([metrics])
+    keys = dict.fromkeys(k for one in every for k in one)
+    return {k: float(np.mean([one[k] for one in every if k in one])) for k in keys}
+
+
+def _same_weights_everywhere(acc: Accelerator, m: Modules, name: str) -> list[str]:
+    """:func:`trainable_version` of every process after phase ``name``; a MegaContextError
+    when a process's weights differ from the main process's (the replicas drifted apart)."""
+    versions = gather_object([trainable_version(m)])
+    drifted = [i for i, v in enumerate(versions) if v != versions[0]]
+    if drifted:
+        raise MegaContextError(f"after {name} the trainable weights of process(es) {drifted} differ from the "
+                               f"main process's ({versions}): data-parallel training lost sync")
+    return versions
 
 
 def _checkpoint(ctx: Context, name: str, optimizer_state: dict | None) -> None:
@@ -391,6 +442,7 @@ def _train(
             raise MegaContextError(f"--cycles must be at least 1, got {cycles}")
         cfg.train.cycles = cycles
     t0 = time.perf_counter()
+    accelerator = Accelerator(cpu=resolve_device(cfg.base.device).type == "cpu")  # before the base: its GPU
     run_dir = resolve_run_dir(cfg, out_dir, resume)
     ckpt = None
     if resume is not None:
@@ -398,18 +450,22 @@ def _train(
             warnings.simplefilter("always", CheckpointWarning)
             ckpt = resolve_resume(run_dir / "checkpoints", resume)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not (run_dir / "config.yaml").exists():
+    if accelerator.is_main_process and not (run_dir / "config.yaml").exists():
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
 
     t = cfg.train
-    base = BaseModel.from_config(cfg)
-    data = prepare_dataset(cfg, progress=progress)
+    for key, n in (("train.batch_size", t.batch_size), ("train.labels.snapshots", t.labels.snapshots)):
+        if n % accelerator.num_processes:
+            raise MegaContextError(f"{key} ({n}) must be a multiple of the number of processes "
+                                   f"({accelerator.num_processes}): each takes an equal share of every step")
+    with accelerator.main_process_first():  # the main process prepares the data; the others reuse it
+        base = BaseModel.from_config(cfg)
+        data = prepare_dataset(cfg, progress=progress)
     val_sampler = WindowSampler(
         data.documents("val"), t.horizon, t.history_min, t.history_max, "random", derive_seed(cfg.seed, "validation")
     )
     modules = Modules.fresh(cfg, base, lora=t.phases.jt3.steps > 0)
-    accelerator = Accelerator(cpu=base.device.type == "cpu")
-    telemetry = Telemetry(run_dir, cfg, progress)
+    telemetry = Telemetry(run_dir, cfg, progress, writes=accelerator.is_main_process)
     state = restore(ckpt, cfg, modules, telemetry) if ckpt is not None else TrainState()
     ctx = Context(
         cfg=cfg,
