@@ -28,7 +28,7 @@ from megacontext.working_context import WorkingContext
 
 def test_every_policy_is_registered_once_and_raw_ones_are_marked():
     assert POLICIES == ("reference", "recency", "sinks", "uniform_gists", "random_focus", "similarity_focus",
-                        "megacontext")
+                        "likelihood_focus", "megacontext")
     assert set(RAW_POLICIES) < set(POLICIES)
 
 

@@ -5,10 +5,14 @@ Inputs per entry: its vector (token embedding or gist), level, ``log_width`` and
 ``log_distance`` (:func:`entry_features`); plus a conditioning set of C = 1 + m + 1 vectors
 (:func:`build_conditioning`): the latest LOD2 gist, the latest m LOD1 gists (newest first)
 and the mean of the raw tail, which holds the current question or code being written.
+With ``cfg.query_likelihood`` a third entry feature joins ``log_width``/``log_distance``: how much
+the entry's best raw block raises the base's likelihood of the newest tokens
+(``focus.likelihood.likelihood_feature``). Gists alone do not tell a needle from code (the base
+reads their presence, not their content); this feature does, and LensNet learns when to act on it.
 
 ``kind == "dual_cross"`` (seed: "dual cross-attn (8k -> 6 -> 8k)")::
 
-    e   = Linear(RMSNorm(embeds)) + level_embed + MLP([log_width, log_distance])  [B, W, w]
+    e   = Linear(RMSNorm(embeds)) + level_embed + MLP([log_width, log_distance(, likelihood)])  [B, W, w]
     lat = Linear(RMSNorm(cond)) + slot_embed                                       [B, C, w]
     stacks x:  lat += XAttn(lat <- masked entries)      context -> latents
                e   += XAttn(e <- masked latents)        latents -> context
@@ -135,7 +139,7 @@ class LensNet(nn.Module):
         self.entry_norm = nn.RMSNorm(dim, eps=EPS)
         self.entry_proj = nn.Linear(dim, w)
         self.level_embed = nn.Embedding(levels + 1, w)
-        self.feature_mlp = MLP(2, w, w)
+        self.feature_mlp = MLP(3 if cfg.query_likelihood else 2, w, w)
         self.cond_norm = nn.RMSNorm(dim, eps=EPS)
         self.cond_proj = nn.Linear(dim, w)
         self.slot_embed = nn.Embedding(self.slots, w)
@@ -157,17 +161,20 @@ class LensNet(nn.Module):
         mask: torch.Tensor,
         cond: torch.Tensor,
         cond_mask: torch.Tensor,
+        likelihood: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Scores ``[B, W]`` in [-1, 1], exactly 0 where ``mask`` is False.
 
         embeds [B, W, d]; levels [B, W] long >= 0 (a level above ``levels``, grown by the tree,
         shares the top level's embedding; log_width tells them apart); log_width, log_distance [B, W];
-        mask [B, W] bool (True = real entry); cond [B, C, d]; cond_mask [B, C] bool.
+        mask [B, W] bool (True = real entry); cond [B, C, d]; cond_mask [B, C] bool;
+        likelihood [B, W] (``cfg.query_likelihood``: each entry's query-likelihood feature, zeros when None).
         """
         if cond.shape[1] != self.slots:
             raise ValueError(f"LensNet expects {self.slots} conditioning vectors, got {cond.shape[1]}")
         dtype = self.entry_proj.weight.dtype
-        feats = torch.stack([log_width, log_distance], dim=-1).to(dtype)
+        extra = [likelihood if likelihood is not None else torch.zeros_like(log_width)] if self.cfg.query_likelihood else []
+        feats = torch.stack([log_width, log_distance, *extra], dim=-1).to(dtype)
         level = self.level_embed(levels.clamp(max=self.levels))
         e = self.entry_proj(self.entry_norm(embeds.to(dtype))) + level + self.feature_mlp(feats)
         lat = self.cond_proj(self.cond_norm(cond.to(dtype))) + self.slot_embed.weight

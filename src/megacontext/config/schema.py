@@ -132,6 +132,7 @@ class LensNetConfig:
     stacks: int = 2
     heads: int = 4
     lod1_conditioning: int = 4  # latest LOD1 gists in the conditioning set
+    query_likelihood: bool = False  # read each entry's query-likelihood gain (focus/likelihood.py) as a feature
 
 
 @dataclass

@@ -26,7 +26,7 @@ from megacontext.modules import Modules
 from megacontext.working_context import assemble
 
 ORACLE = "oracle_focus"
-COMPARED = ("recency", "uniform_gists", "similarity_focus", "megacontext")
+COMPARED = ("recency", "uniform_gists", "similarity_focus", "likelihood_focus", "megacontext")
 CEILING_KEYS = ("budget", "policy", "loss_second_half", "delta_vs_uniform_gists", "se", "n_windows")
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from megacontext.focus.likelihood import likelihood_feature
 from megacontext.lensnet import LensNet, build_conditioning, entry_features
 from megacontext.working_context import Assembled, EntrySource, WorkingContext, assemble
 
@@ -23,16 +24,24 @@ class LensInput:
     log_distance: torch.Tensor  # [W]
     cond: torch.Tensor  # [C, d]
     cond_mask: torch.Tensor  # [C]
+    likelihood: torch.Tensor  # [W]: focus.likelihood.likelihood_feature (zeros when LensNet does not read it)
 
 
 def lens_input(wc: WorkingContext, assembled: Assembled, source: EntrySource, lensnet: LensNet) -> LensInput:
-    """LensNet's view of one assembled window: entry features + the conditioning set."""
+    """LensNet's view of one assembled window: entry features + the conditioning set.
+    With ``lensnet.cfg.query_likelihood`` the source must offer ``query_gains(block_size)``
+    (both :class:`~megacontext.focus.source.HistorySource` and ``TreeSource`` do)."""
     K = wc.block_size
     log_w, log_d = entry_features(assembled.levels, assembled.starts, assembled.ends, wc.num_tokens, K)
     cond, cond_mask = build_conditioning(
         source, wc.num_tokens, wc.tail_start, K, wc.levels, lensnet.cfg.lod1_conditioning, assembled.embeds.shape[1]
     )
-    return LensInput(assembled.embeds, assembled.levels, log_w, log_d, cond, cond_mask)
+    if lensnet.cfg.query_likelihood:
+        first, gains = source.query_gains(K)
+        lk = torch.as_tensor(likelihood_feature(wc, gains, first), dtype=torch.float32)
+    else:
+        lk = torch.zeros(len(log_w))
+    return LensInput(assembled.embeds, assembled.levels, log_w, log_d, cond, cond_mask, lk)
 
 
 def lens_scores(lensnet: LensNet, inputs: Sequence[LensInput]) -> list[torch.Tensor]:
@@ -46,6 +55,7 @@ def lens_scores(lensnet: LensNet, inputs: Sequence[LensInput]) -> list[torch.Ten
     lev = torch.zeros(B, W, dtype=torch.long, device=dev)
     lw = torch.zeros(B, W, device=dev)
     ld = torch.zeros(B, W, device=dev)
+    lk = torch.zeros(B, W, device=dev)
     mask = torch.zeros(B, W, dtype=torch.bool, device=dev)
     cond = torch.zeros(B, C, d, device=dev)
     cmask = torch.zeros(B, C, dtype=torch.bool, device=dev)
@@ -55,10 +65,11 @@ def lens_scores(lensnet: LensNet, inputs: Sequence[LensInput]) -> list[torch.Ten
         lev[b, :n] = x.levels
         lw[b, :n] = x.log_width.float()
         ld[b, :n] = x.log_distance.float()
+        lk[b, :n] = x.likelihood.float()
         mask[b, :n] = True
         cond[b, :c] = x.cond.float()
         cmask[b, :c] = x.cond_mask
-    scores = lensnet(emb, lev, lw, ld, mask, cond, cmask)
+    scores = lensnet(emb, lev, lw, ld, mask, cond, cmask, lk)
     return [scores[b, : x.embeds.shape[0]] for b, x in enumerate(inputs)]
 
 

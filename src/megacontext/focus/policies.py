@@ -12,6 +12,8 @@ budget ``settings.focus.budget``:
                     ``settings.rounds`` refocuses;
 - ``similarity_focus`` training-free retrieval (InfLLM / MoBA style): the allocator driven
                     by each entry's cosine similarity with the newest block, no learned weights;
+- ``likelihood_focus`` training-free retrieval by the frozen base itself: the allocator driven
+                    by each block's query likelihood gain (:mod:`megacontext.focus.likelihood`);
 - ``megacontext``   LensNet + allocator on-policy (:func:`focus_window`).
 
 Raw policies (:data:`RAW_POLICIES`) place their tokens at positions ``0..n-1`` and are read
@@ -37,11 +39,12 @@ from megacontext.config import Config, FocusConfig, TreeShape
 from megacontext.data import Window
 from megacontext.focus.horizon import PrefixLike, horizon_nll, raw_prefix
 from megacontext.focus.lens import score_window
+from megacontext.focus.likelihood import block_gains, entry_scores
 from megacontext.focus.source import HistorySource
 from megacontext.focus.trace import FocusTrace
 from megacontext.lensnet import LensNet
 from megacontext.modules import Modules
-from megacontext.working_context import Action, EntrySource, WorkingContext, assemble
+from megacontext.working_context import Action, EntrySource, WorkingContext, assemble, tail_start_of
 
 
 @dataclass(frozen=True)
@@ -188,6 +191,18 @@ def similarity_focus_context(
     return refocus_rounds(source.num_tokens, settings, rng, lambda w: similarity_scores(w, source, mode), trace=trace)
 
 
+def likelihood_focus_context(
+    req: PolicyRequest, source: HistorySource, trace: FocusTrace | None = None
+) -> WorkingContext:
+    """The allocator on :func:`~megacontext.focus.likelihood.entry_scores` of the blocks' query
+    likelihood gains, measured once by the plain base (training-free retrieval)."""
+    K, n = req.settings.shape.block_size, source.num_tokens
+    end = tail_start_of(n, K, req.settings.focus.tail_blocks)
+    with req.modules.plain():
+        gains = block_gains(req.modules.base, req.history, K, end)
+    return refocus_rounds(n, req.settings, req.rng, lambda w: entry_scores(w, gains), trace=trace)
+
+
 # ------------------------------------------------------------------------ the policies
 def reference_context(history: np.ndarray, max_context: int, horizon: int) -> np.ndarray:
     """The reference history (spec §4): all of it at LOD0 when it fits
@@ -225,6 +240,7 @@ POLICY_FNS: dict[str, PolicyFn] = {
     "uniform_gists": lambda r: _gists(r, initial_context(_source(r).num_tokens, r.settings)),
     "random_focus": lambda r: _gists(r, random_focus_context(_source(r).num_tokens, r.settings, r.rng, r.trace)),
     "similarity_focus": lambda r: _gists(r, similarity_focus_context(_source(r), r.settings, r.rng, r.trace)),
+    "likelihood_focus": lambda r: _gists(r, likelihood_focus_context(r, _source(r), r.trace)),
     "megacontext": lambda r: _gists(r, focus_window(_source(r), r.modules.lensnet, r.settings, r.rng, trace=r.trace)),
 }
 POLICIES: tuple[str, ...] = tuple(POLICY_FNS)

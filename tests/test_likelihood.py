@@ -1,0 +1,72 @@
+"""Query-likelihood retrieval (focus/likelihood.py) and the likelihood_focus policy."""
+
+import numpy as np
+import torch
+
+from megacontext.focus.likelihood import block_gains, entry_scores
+from megacontext.focus.policies import FocusSettings, PolicyRequest, policy_window
+from megacontext.focus.source import build_source
+from megacontext.modules import Modules
+from megacontext.working_context import WorkingContext
+
+
+def _logprob(base, seq: torch.Tensor, start: int) -> float:
+    """Sum of log p(seq[t] | seq[:t]) for t >= start, one unbatched forward."""
+    logp = torch.log_softmax(base.model(input_ids=seq[None]).logits[0].float(), -1)
+    return float(sum(logp[t - 1, seq[t]] for t in range(start, len(seq))))
+
+
+def test_block_gains_are_the_pair_counterfactual_of_each_block(smoke_cfg, smoke_base):
+    mods = Modules.fresh(smoke_cfg, smoke_base)
+    K = smoke_cfg.tree.block_size
+    history = np.random.default_rng(0).integers(0, mods.base.vocab_size, 5 * K + 7)
+    with torch.no_grad(), mods.plain():
+        gains = block_gains(mods.base, history, K, 4 * K, query_tokens=6)
+        ids = torch.as_tensor(history)
+        q = ids[-6:]
+        baseline = _logprob(mods.base, q, 1)
+        pair = [_logprob(mods.base, torch.cat([ids[j * K : (j + 2) * K], q]), 2 * K) - baseline for j in range(3)]
+    assert gains.shape == (4,)
+    expected = [pair[0], max(pair[0], pair[1]), max(pair[1], pair[2]), pair[2]]
+    np.testing.assert_allclose(gains, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_entry_scores_take_the_best_covered_block_and_leave_raw_entries_neutral():
+    K = 4
+    wc = WorkingContext.initial(4 * K * K + 3 * K, K, 2, 40, 1, headroom=0)
+    gains = np.full(wc.tail_start // K, -5.0)
+    gains[6] = 20.0  # one block deep inside the first LOD2 node
+    s = entry_scores(wc, gains)
+    levels, (starts, ends) = wc.levels_array(), wc.spans()
+    assert np.all(s[levels == 0] == 0.0)
+    holder = int(np.flatnonzero((starts <= 6 * K) & (6 * K < ends))[0])
+    assert levels[holder] >= 1 and s[holder] > 0.99
+    others = (levels > 0) & (np.arange(len(s)) != holder)
+    assert others.any() and np.all(s[others] < -0.8)
+
+
+def test_likelihood_focus_opens_the_best_block_to_raw_from_the_coarsest_gists(smoke_cfg, smoke_base, monkeypatch):
+    """The allocator follows the gains down the tree (LOD2 -> LOD1 -> raw) within its rounds,
+    paying with the other entries, and stays within the budget."""
+    import megacontext.focus.policies as policies
+
+    mods = Modules.fresh(smoke_cfg, smoke_base)
+    settings = FocusSettings.from_config(smoke_cfg, greedy=True)
+    K = settings.shape.block_size
+    history = np.random.default_rng(3).integers(0, mods.base.vocab_size, 4 * K * K)
+    needle = 3  # a block inside the oldest (coarsest) node
+    gains = np.full(len(history) // K, -3.0)
+    gains[needle] = 15.0
+    monkeypatch.setattr(policies, "block_gains", lambda base, hist, k, end: gains[: end // k])
+    req = PolicyRequest(mods, settings, history, build_source(mods.base, mods.gistnet, history, settings.shape),
+                        16, np.random.default_rng(0))
+    start = policies.initial_context(len(history), settings)
+    assert start.levels_array()[int(np.flatnonzero(start.spans()[1] > needle * K)[0])] == settings.shape.levels
+    with torch.no_grad():
+        window = policy_window("likelihood_focus", req)
+    wc = window.wc
+    wc.check_invariants()
+    starts, ends = wc.spans()
+    at = int(np.flatnonzero((starts <= needle * K) & (needle * K < ends))[0])
+    assert wc.levels_array()[at] == 0
+    assert window.cost <= settings.budget
