@@ -70,3 +70,33 @@ def test_likelihood_focus_opens_the_best_block_to_raw_from_the_coarsest_gists(sm
     at = int(np.flatnonzero((starts <= needle * K) & (needle * K < ends))[0])
     assert wc.levels_array()[at] == 0
     assert window.cost <= settings.budget
+
+
+def test_lensnet_reads_the_same_gains_in_training_and_in_the_runtime(smoke_cfg, smoke_base):
+    """HistorySource (training/eval) and TreeSource (a session) give LensNet one feature for one
+    history, and the feature changes LensNet's scores (it is wired in, not ignored)."""
+    from megacontext.focus.lens import lens_input, lens_scores
+    from megacontext.focus.source import TreeSource
+    from megacontext.tree import MegaContextTree
+    from megacontext.working_context import assemble
+
+    assert smoke_cfg.lensnet.query_likelihood
+    mods = Modules.fresh(smoke_cfg, smoke_base)
+    settings = FocusSettings.from_config(smoke_cfg, greedy=True)
+    K, L = settings.shape.block_size, settings.shape.levels
+    history = np.random.default_rng(5).integers(0, mods.base.vocab_size, 40 * K + 9)
+    hist_src = build_source(mods.base, mods.gistnet, history, settings.shape)
+    tree = MegaContextTree.create_ram(K, L, mods.base.dim, mods.gister())
+    tree.append(history)
+    tree_src = TreeSource(tree, mods.base)
+    wc = WorkingContext.initial(len(history), K, L, settings.budget, settings.focus.tail_blocks, headroom=0)
+    with torch.no_grad():
+        a = lens_input(wc, assemble(wc, hist_src, "compact"), hist_src, mods.lensnet)
+        b = lens_input(wc, assemble(wc, tree_src, "compact"), tree_src, mods.lensnet)
+        np.testing.assert_allclose(a.likelihood.numpy(), b.likelihood.numpy(), atol=1e-4)
+        assert a.likelihood.shape == (wc.cost,) and a.likelihood.abs().sum() > 0
+        assert torch.all(a.likelihood[torch.as_tensor(wc.spans()[0] >= wc.tail_start)] == 0)
+        (with_feature,) = lens_scores(mods.lensnet, [a])
+        a.likelihood = torch.zeros_like(a.likelihood)
+        (without,) = lens_scores(mods.lensnet, [a])
+    assert not torch.allclose(with_feature, without)
