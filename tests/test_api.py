@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import subprocess
 import sys
@@ -10,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+import megacontext.tree_storage
 from megacontext import MegaContext, MegaSession, Window, inspect_tree
 from megacontext.api import resolve_config
-from megacontext.errors import ConfigError, MegaContextError
+from megacontext.errors import ConfigError, MegaContextError, MegaContextWarning
 from megacontext.lock import LockedError
 from megacontext.runtime import SESSION_FILE
 
@@ -231,3 +233,33 @@ def test_context_manager_saves_on_success_and_releases_on_error(mc, history, tmp
         s.window()
         s.save()
         assert (path / SESSION_FILE).exists()
+
+
+def _held_back(mc: MegaContext, path) -> MegaSession:
+    """A disk session holding generated tokens it has not committed yet (an unfinished block)."""
+    s = mc.session(path)
+    s.append(np.arange(600) % 300)
+    s.generate("x = ", max_new_tokens=2)
+    assert s.tree.committed_tokens == 600 < s.num_tokens
+    return s
+
+
+def test_a_full_disk_on_closing_is_one_clear_error_and_never_hides_the_first(mc, tmp_path, monkeypatch):
+    def full_disk(path, text, *rest):  # every commit of the tree fails; session.json could still be written
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    a, b, c = (_held_back(mc, tmp_path / name) for name in "abc")
+    monkeypatch.setattr(megacontext.tree_storage, "replace_file", full_disk)
+    with pytest.raises(MegaContextError, match=rf"No space left on device .*keeps 600 of its {a.num_tokens} tokens"):
+        a.close()  # a normal close whose final commit fails
+    assert a.closed
+    with pytest.warns(MegaContextWarning, match="keeps 600 of its"), pytest.raises(RuntimeError, match="boom"):
+        with b:
+            raise RuntimeError("boom")  # the error on its way out stays the one raised
+    with pytest.raises(MegaContextError, match=r"No space left on device .*keeps 600 tokens \(0 of the \d+ new"):
+        c.append(np.arange(50) % 300)  # a failing append says what the tree kept, not the close's failure
+    monkeypatch.undo()
+    for name in "abc":  # every tree was released and keeps its committed prefix
+        with mc.session(tmp_path / name) as again:
+            assert again.num_tokens == 600
+

@@ -4,11 +4,14 @@ losses averaged over the processes, every file written once, and ``--resume late
 
 Two launches (about 15 s of start-up each: the launcher, then both processes import torch and
 transformers): one uninterrupted run, and a copy of it cut back to a mid-phase checkpoint —
-what a SIGKILL there leaves (tests/test_training.py kills for real) — resumed."""
+what a SIGKILL there leaves (tests/test_training.py kills for real) — resumed. What only the
+main process does (validation, the run folder's lock) is checked in two processes forked from
+this one and joined over gloo, as ``accelerate launch`` would start them (no start-up cost)."""
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import socket
@@ -20,14 +23,17 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from accelerate import PartialState
 from safetensors.torch import load_file
 
 from megacontext.base_model import BaseModel
 from megacontext.checkpoint import list_checkpoints, open_checkpoint, order_key
+from megacontext.cli.train import locked_run
 from megacontext.config import derive_seed
 from megacontext.data import prepare_dataset
+from megacontext.errors import MegaContextError
 from megacontext.modules import Modules
-from megacontext.training.loop import _sampler, cpu_threads, make_optimizer, schedule, trainable_version
+from megacontext.training.loop import _sampler, cpu_threads, make_optimizer, on_main, schedule, trainable_version
 from megacontext.training.phases import PHASE_BY_NAME
 
 from conftest import smoke_config
@@ -158,3 +164,82 @@ def test_resume_latest_in_two_processes_reproduces_the_run(run_a, smoke_roots, t
     for f in ("gistnet.safetensors", "lensnet.safetensors", "lora/adapter_model.safetensors"):
         ta, tb = load_file(final_a / f), load_file(final_b / f)
         assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), f
+
+
+def in_two_processes(body, *args) -> list:
+    """``body(*args)`` in two processes forked from this one and joined over gloo (the
+    environment ``accelerate launch`` gives them): what each returned, or ("raised", type
+    name, message), by rank."""
+    fork, port = multiprocessing.get_context("fork"), _free_port()
+    results = fork.Queue()
+
+    def child(rank: int) -> None:
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(PROCESSES),
+                          LOCAL_WORLD_SIZE=str(PROCESSES), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        PartialState._reset_state()  # this process's own place, not the parent's (alone)
+        try:
+            out = body(*args)
+        except Exception as e:  # reported to the parent
+            out = ("raised", type(e).__name__, str(e))
+        torch.distributed.barrier()  # neither leaves while the other still talks to it
+        results.put((rank, out))
+
+    children = [fork.Process(target=child, args=(rank,)) for rank in range(PROCESSES)]
+    for c in children:
+        c.start()
+    try:
+        got = dict(results.get(timeout=60) for _ in children)  # a process left waiting: no answer
+    finally:
+        for c in children:
+            c.join(timeout=10)
+            if c.is_alive():
+                c.kill()
+    return [got[rank] for rank in range(PROCESSES)]
+
+
+def _validate_on_main() -> tuple:
+    calls = []
+
+    def validated() -> dict[str, float]:  # a result that differs per process, as GPU floats may
+        calls.append(PartialState().process_index)
+        return {"loss_megacontext": 2.0 + PartialState().process_index}
+
+    def fails() -> None:
+        raise MegaContextError("validation failed")
+
+    row = on_main(PartialState(cpu=True), validated)
+    try:
+        on_main(PartialState(), fails)
+    except MegaContextError as e:
+        return calls, row, str(e)
+    return calls, row, None
+
+
+def test_validation_runs_once_and_every_process_gets_its_row():
+    """Every process appends the same row (the plateau decision it drives is the same in all)."""
+    (calls0, row0, err0), (calls1, row1, err1) = in_two_processes(_validate_on_main)
+    assert (calls0, calls1) == ([0], [])  # validated once, by the main process
+    assert row0 == row1 == {"loss_megacontext": 2.0}
+    assert err0 == err1 == "validation failed"  # its failure stops every process, none left waiting
+
+
+def _enter_run(cfg, out: Path) -> str:
+    with locked_run(cfg, str(out), None):
+        return "entered"
+
+
+def test_a_held_run_folder_stops_every_process_with_one_message(cfg, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    code = "import sys, time; from pathlib import Path; from megacontext.lock import WriterLock; " \
+           "lock = WriterLock(Path(sys.argv[1]), 'run'); print('locked', flush=True); time.sleep(120)"
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(SRC)})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        main, other = in_two_processes(_enter_run, cfg, out)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main[:2] == ("raised", "LockedError") and other[:2] == ("raised", "MegaContextError")
+    assert main[2] == other[2] and f"in use by process {holder.pid}" in main[2]

@@ -13,6 +13,9 @@ never pass damaged data off as good.
   the previous one, a damaged dataset is rebuilt).
 * A full disk (writes failing with ENOSPC) in the middle of a tree commit, a session
   save and a checkpoint: the last committed state survives, and the writer can go on.
+* A fault or an interrupt (Ctrl-C, SIGTERM) just after a deferred commit passed its commit
+  point: the writer's state follows the commit, so closing neither rolls it back nor writes
+  its tokens twice.
 
 Two writers at once (the writer locks on trees and run folders) are tested in test_hardening.py.
 """
@@ -24,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -47,6 +51,7 @@ from megacontext.checkpoint import (
     verify_checkpoint,
 )
 from megacontext.cli import main
+from megacontext.cli.memory import _sigterm_interrupts
 from megacontext.data import PreparedDataset, prepare_dataset
 from megacontext.errors import DataError, MegaContextError, TreeError
 from megacontext.modules import Modules
@@ -54,7 +59,7 @@ from megacontext.runtime import SESSION_FILE, Session, SessionWarning
 from megacontext.training.labels import LABELS, SNAPSHOTS
 from megacontext.training.loop import TrainState, _read_labels_checked
 from megacontext.tree import MegaContextTree
-from megacontext.tree_storage import HEADER_SIZE
+from megacontext.tree_storage import HEADER_SIZE, DiskStore
 from megacontext.working_context import WorkingContext
 
 
@@ -450,6 +455,79 @@ def test_cli_generate_on_a_full_disk_is_one_line_and_keeps_the_tree(smoke_roots,
     assert (tree / SESSION_FILE).read_bytes() == session
     assert main(["generate", *base, "--prompt", "y = ", "--max-new-tokens", "2", "--json"]) == 0
     assert ": warning: " not in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ faults after a deferred commit
+def _deferred(tree: MegaContextTree, tokens: np.ndarray) -> None:
+    for tok in tokens:
+        tree.append([tok], defer=True)
+
+
+def _on_disk(path: Path) -> int:
+    return json.loads((path / "metadata.json").read_text())["committed"]["LOD0"]
+
+
+@pytest.mark.parametrize("fault", ["folder fsync fails", "SIGINT", "SIGTERM"])
+def test_a_fault_just_after_the_rename_of_a_deferred_commit_keeps_it(tmp_path, monkeypatch, fault):
+    """The commit point (metadata.json's rename) passed: close() must not roll the block back
+    by committing the tokens it held before (stale in-memory metadata)."""
+    tokens, path = token_stream(40, 23), tmp_path / "t"
+    tree = make_disk(path, FakeGister())
+    _deferred(tree, tokens[:10])  # 8 committed, 2 held back
+    real_replace, real_fsync_dir = os.replace, megacontext.durable.fsync_dir
+
+    def replace_then_signal(src, dst):
+        real_replace(src, dst)
+        monkeypatch.setattr(os, "replace", real_replace)
+        signal.raise_signal(signal.SIGINT if fault == "SIGINT" else signal.SIGTERM)
+
+    def fsync_dir_fails(folder):
+        monkeypatch.setattr(megacontext.durable, "fsync_dir", real_fsync_dir)
+        raise OSError(errno.EIO, "Input/output error", str(folder))
+
+    if fault == "folder fsync fails":  # what replace_file does right after the rename
+        monkeypatch.setattr(megacontext.durable, "fsync_dir", fsync_dir_fails)
+    else:
+        monkeypatch.setattr(os, "replace", replace_then_signal)
+    with _sigterm_interrupts(), pytest.raises(OSError if fault == "folder fsync fails" else KeyboardInterrupt):
+        _deferred(tree, tokens[10:12])  # completes the third block: a commit of 4 tokens
+    monkeypatch.undo()
+    committed = _on_disk(path)
+    assert committed == 12 and tree.num_tokens == tree.committed_tokens == 12
+    tree.close()
+    with MegaContextTree.open(path, FakeGister()) as reopened:
+        n = reopened.num_tokens
+        assert n >= committed and np.array_equal(reopened.tokens(), tokens[:n])  # an exact prefix, the commit kept
+        assert_tree_equals(reopened, tokens[:n], reference_gists(FakeGister(), tokens[:n], 4, 2, "float16"))
+        _deferred(reopened, tokens[n:])
+    with MegaContextTree.open(path) as reopened:
+        assert_tree_equals(reopened, tokens, reference_gists(FakeGister(), tokens, 4, 2, "float16"))
+
+
+@pytest.mark.parametrize("fault", ["raised there", "SIGINT"])
+def test_an_interrupt_after_a_deferred_commit_returns_never_commits_it_twice(tmp_path, monkeypatch, fault):
+    """KeyboardInterrupt between the store's commit and the tree's own state (its held-back
+    tokens): the next commit must not append those tokens a second time."""
+    tokens, path = token_stream(41, 23), tmp_path / "t"
+    tree = make_disk(path, FakeGister())
+    _deferred(tree, tokens[:10])
+    real = DiskStore.commit
+
+    def commit_then_interrupt(self, part, gists):
+        real(self, part, gists)
+        monkeypatch.setattr(DiskStore, "commit", real)
+        if fault == "raised there":  # as if the signal's handler ran on the very next bytecode
+            raise KeyboardInterrupt
+        signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(DiskStore, "commit", commit_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        _deferred(tree, tokens[10:12])
+    assert _on_disk(path) == 12 and tree.num_tokens == 12 and np.array_equal(tree.tokens(), tokens[:12])
+    _deferred(tree, tokens[12:])  # the same writer goes on
+    tree.close()
+    with MegaContextTree.open(path) as reopened:
+        assert_tree_equals(reopened, tokens, reference_gists(FakeGister(), tokens, 4, 2, "float16"))
 
 
 # ------------------------------------------------------------------ kills: the tree's commit protocol

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -30,11 +31,12 @@ from megacontext.cli import main
 from megacontext.cli.memory import _sigterm_interrupts
 from megacontext.config import GistNetConfig, LensNetConfig
 from megacontext.durable import with_checksum
+from megacontext.errors import MegaContextError
 from megacontext.gistnet import GistNet
 from megacontext.lensnet import LensNet
 from megacontext.tree import MegaContextTree
 from megacontext.tree_format import HEADER_SIZE
-from megacontext.working_context import fitting_levels, minimum_cost
+from megacontext.working_context import WorkingContext, fitting_levels, minimum_cost
 
 from conftest import smoke_config
 
@@ -186,6 +188,28 @@ def test_deferred_appends_commit_once_per_block_and_on_close(tmp_path, monkeypat
         assert_tree_equals(tree, tokens, reference_gists(FakeGister(), tokens, K, 2, "float16"))
 
 
+def test_a_writer_dropped_without_close_commits_its_deferred_tokens(tmp_path):
+    path = tmp_path / "t"
+    tokens = token_stream(42, 10)
+    tree = make_disk(path, FakeGister())
+    for tok in tokens:
+        tree.append([tok], defer=True)
+    assert tree.committed_tokens == 8
+    child = os.fork()
+    if child == 0:  # a forked child's copy is the parent's to commit: dropping it writes nothing
+        del tree
+        gc.collect()
+        os._exit(0)
+    assert os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) == 0
+    with MegaContextTree.open(path) as seen:
+        assert seen.num_tokens == 8
+    assert (path / "writer.lock").read_text().strip() == str(os.getpid())  # still ours
+    del tree
+    gc.collect()
+    with MegaContextTree.open(path, FakeGister()) as reopened:  # committed, and the lock released
+        assert_tree_equals(reopened, tokens, reference_gists(FakeGister(), tokens, K, 2, "float16"))
+
+
 # ------------------------------------------------------------------ levels the modules were not built for
 @pytest.mark.parametrize("kind, per_level", [("transformer", False), ("transformer", True), ("mean", False)])
 def test_gistnet_serves_levels_above_its_own_with_its_top_level(kind, per_level):
@@ -214,6 +238,13 @@ def test_fitting_levels_is_the_fewest_that_fit():
     assert minimum_cost(600_000, 32, 2, 1) > 256
     assert fitting_levels(600_000, 32, 2, 1, 1024) == 2
     assert fitting_levels(30_000, 32, 2, 1, 70) == 2  # no LOD3 node can exist yet: more levels change nothing
+
+
+def test_a_window_too_long_for_its_levels_names_the_levels_that_would_fit():
+    with pytest.raises(MegaContextError, match=r"at least \d+, got 256: raise focus.budget or tree.levels to 3$"):
+        WorkingContext.initial(600_000, 32, 2, 256, 1)  # fixed levels (training): three would fit
+    with pytest.raises(MegaContextError, match=r"got 70: raise focus.budget$"):
+        WorkingContext.initial(30_000, 32, 2, 70, 1)  # what a session meets: more levels would not help
 
 
 @pytest.fixture(scope="module")

@@ -172,7 +172,7 @@ def test_a_full_disk_mid_commit_loses_nothing_committed(tmp_path, monkeypatch):
     tree.append(tokens[:200])
     real = megacontext.tree_storage.replace_file
 
-    def full_disk(target, text):
+    def full_disk(target, text, *rest):
         with open(target.with_name(target.name + ".tmp"), "w") as f:
             f.write(text[:10])  # a torn temp file, then the disk is full
         raise OSError(errno.ENOSPC, "No space left on device", str(target))

@@ -122,6 +122,23 @@ def test_greedy_decoding_with_reuse_equals_decoding_from_scratch(base, mode):
     assert any(1 < n < len(reused.wc.entries) for n in fed)  # ... and the cache was kept across some
 
 
+@pytest.mark.parametrize("mode", ["compact", "absolute"])
+def test_a_forced_collapse_keeps_the_cache_up_to_the_first_changed_entry(base, mode):
+    s = _session(base, mode, tau=10.0)  # no refocus edits: only the growth of the history changes the window
+    s.ingest(_history(20 * K + 3))
+    s.next_logits()
+    for token in _history(8 * K, seed=2).tolist():  # decoding: one token, then a step
+        before, forced = list(s.wc.entries), len(s.forced)
+        s.ingest([token])
+        torch.testing.assert_close(s.next_logits(), _fresh_logits(s), atol=1e-5, rtol=1e-5)
+        if len(s.forced) > forced:
+            W = len(s.wc.entries)
+            assert 0 < first_change(before, s.wc.entries) < W - 1  # the collapse changed entries inside the window
+            assert s.base_forward_entries[-1] == W - first_change(before, s.wc.entries)  # ... and only those were fed
+            return
+    raise AssertionError("no forced collapse happened")
+
+
 def test_a_failed_step_leaves_a_cache_that_still_matches(base, monkeypatch):
     s = _session(base, "compact", tau=10.0)
     s.ingest(_history(12 * K))

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
 
-from megacontext.errors import MegaContextError
+from megacontext.errors import MegaContextError, MegaContextWarning
 
 if TYPE_CHECKING:
     import torch
@@ -281,7 +282,8 @@ class MegaSession:
     Use it as a context manager, or call :meth:`close`: closing a disk session saves its focus
     state (``session.json``) and releases the tree's writer lock; leaving the ``with`` block
     on an exception releases it without saving it (the tree still commits the history it
-    holds: appends are committed per block, and the last unfinished block on close).
+    holds: appends are committed per block, and the last unfinished block on close; when the
+    disk refuses that commit, a MegaContextWarning says so and the exception stays the one raised).
     """
 
     def __init__(self, mc: MegaContext, tree: MegaContextTree, focus: FocusConfig) -> None:
@@ -420,19 +422,39 @@ class MegaSession:
             self._rt.save()
 
     def close(self) -> None:
-        """Save (a disk session) and release the tree. Idempotent."""
+        """Save (a disk session) and release the tree. Idempotent. When the disk refuses the last
+        commit or the save (a full disk): MegaContextError, saying what the tree keeps."""
         if self._closed:
             return
         try:
             if self.path is not None:
                 self.save()
-        finally:
+        except BaseException as e:
             self._release()
+            if isinstance(e, OSError):
+                raise MegaContextError(self._refused(e)) from None
+            raise
+        if (error := self._release()) is not None:
+            raise MegaContextError(self._refused(error))
 
-    def _release(self) -> None:
-        """Release the tree without saving."""
+    def _release(self) -> OSError | None:
+        """Release the tree without saving; it commits its unfinished block first. -> the error
+        when the disk refused that commit (the tree is released all the same): the caller says so,
+        unless it is on its way out of another error, which this must not hide."""
         self._closed = True
-        self.tree.close()
+        try:
+            self.tree.close()
+        except OSError as e:
+            return e
+        return None
+
+    def _refused(self, e: OSError) -> str:
+        """What a commit or save the disk refused on closing means: what the tree keeps."""
+        tree, where = self.tree, f" ({e.filename})" if e.filename else ""
+        lost = tree.num_tokens - tree.committed_tokens
+        kept = f"the last {lost} were not committed" if lost else "its focus state was not saved"
+        return (f"{e.strerror or e}{where}: the tree {self.path} keeps {tree.committed_tokens} of its "
+                f"{tree.num_tokens} tokens ({kept})")
 
     def __enter__(self) -> MegaSession:
         return self
@@ -440,8 +462,8 @@ class MegaSession:
     def __exit__(self, exc_type: object, *rest: object) -> None:
         if exc_type is None:
             self.close()
-        else:
-            self._release()
+        elif (error := self._release()) is not None:  # the error on its way out stays the one raised
+            warnings.warn(self._refused(error), MegaContextWarning, stacklevel=2)
 
     def __repr__(self) -> str:
         where = self.path if self.path is not None else "RAM"
@@ -482,8 +504,11 @@ class MegaSession:
     @contextmanager
     def _committing(self, new: int) -> Iterator[None]:
         """A disk append interrupted (KeyboardInterrupt) or failing (OSError) closes the session
-        and says what the tree kept; a RAM session re-raises as is."""
-        path, before = self.path, self.num_tokens
+        and says what the tree kept (a commit the close could not make either goes unsaid: the
+        tree is read back); a RAM session re-raises as is. ``new`` counts the tokens held back
+        from before, which the append commits first."""
+        path, before = self.path, self.tree.committed_tokens
+        new += self.num_tokens - before
         try:
             yield
         except KeyboardInterrupt:

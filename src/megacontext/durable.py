@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 CHECKSUM_KEY = "checksum"
@@ -28,11 +32,13 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def replace_file(path: Path, text: str) -> None:
+def replace_file(path: Path, text: str, replaced: Callable[[], None] | None = None) -> None:
     """Atomically replace ``path`` with ``text``: write ``<name>.tmp``, fsync, rename, fsync the folder.
 
-    A failure (or a kill) at any point leaves the previous file intact; a failed write (a
-    full disk) also removes the temp file, giving its space back.
+    A failure (or a kill) before the rename leaves the previous file intact; a failed write (a
+    full disk) also removes the temp file, giving its space back. ``replaced()`` is called right
+    after the rename, before the folder's fsync (which can still fail): from then on the new
+    file is the one every reader sees.
     """
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -44,7 +50,35 @@ def replace_file(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)
+    if replaced is not None:
+        replaced()
     fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def uninterrupted() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends, then deliver them to their handlers.
+
+    For a commit and the in-memory state that follows it: a Ctrl-C (KeyboardInterrupt) or a
+    SIGTERM handler never runs between the two. Python runs signal handlers in the main thread
+    only (wherever the signal lands), so the handlers are swapped there, and elsewhere nothing
+    can interrupt the block; a signal mask would not do, other threads would still take the signal.
+    A handler installed outside Python (``getsignal`` gives None) cannot be restored and is left as is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    saved = [(s, h) for s in (signal.SIGINT, signal.SIGTERM) if (h := signal.getsignal(s)) is not None]
+    try:
+        for s, _ in saved:
+            signal.signal(s, lambda signum, frame: held.append(signum))
+        yield
+    finally:
+        for s, h in saved:
+            signal.signal(s, h)
+        for s in dict.fromkeys(held):
+            signal.raise_signal(s)
 
 
 def _digest(record: dict) -> str:

@@ -234,7 +234,8 @@ class Session:
 
     def _extend_window(self) -> None:
         """Bring the window up to the tree's history (levels grown when the budget needs them,
-        forced collapses recorded, cache reset when it changed)."""
+        forced collapses recorded; the next decode step keeps the KV cache up to the first
+        entry they changed)."""
         n = self.num_tokens
         if self.wc is None:
             if n > 0:
@@ -242,10 +243,7 @@ class Session:
                 self._cache = _Cache()
         elif n > self.wc.num_tokens:
             self._fit_levels(n)
-            forced = self.wc.extend(n)
-            if forced:
-                self.forced.extend(forced)
-                self._cache = _Cache()
+            self.forced.extend(self.wc.extend(n))
 
     def check_room(self, extra: int) -> None:
         """MegaContextError, before anything is appended, when the history grown by ``extra``

@@ -17,8 +17,8 @@ The levels grow with the history: :meth:`MegaContextTree.grow` adds level ``L+1`
 it from the stored level ``L`` (the same vectors streaming would have made), so a
 runtime session can add levels whenever its budget needs them. ``append(..., defer=True)``
 holds back an append that completes no block (it stays readable) and commits it with the
-next block, :meth:`~MegaContextTree.flush`, ``close`` or at interpreter exit: a decoding
-loop commits once per block, not once per token.
+next block, :meth:`~MegaContextTree.flush`, ``close``, at interpreter exit or when the tree is
+dropped unclosed: a decoding loop commits once per block, not once per token.
 
 Every tree records the version of the gister that made its gists. When the gister
 changes (another version), the gists are recomputed from LOD0 before they are used
@@ -45,14 +45,14 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from megacontext.durable import uninterrupted
 from megacontext.errors import TreeError
 from megacontext.lock import WriterLock
 from megacontext.tree_format import GIST_DTYPES, VERSION_BYTES, Meta, check_shape_args
-from megacontext.tree_storage import DiskStore, RamStore, Store, quantize
+from megacontext.tree_storage import DiskStore, RamStore, Store, as_index_array, as_token_array, quantize
 
 CHUNK_TOKENS = 8192  # tokens per gister batch and per disk commit inside one append
 _WRITERS: weakref.WeakSet[MegaContextTree] = weakref.WeakSet()  # open for writing: flushed at exit
-_MAX_TOKEN = 2**32 - 1
 _SCAN_TOKENS = 1 << 20  # tokens per read when scanning the whole history
 
 
@@ -71,40 +71,6 @@ class Gister(Protocol):
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor: ...
 
     def gist(self, level: int, children: torch.Tensor) -> torch.Tensor: ...
-
-
-# ----------------------------------------------------------------------------- values
-def _as_token_array(tokens: Sequence[int] | np.ndarray | torch.Tensor) -> np.ndarray:
-    """Any 1-D integer sequence -> uint32 [n]; TreeError on anything else."""
-    if isinstance(tokens, torch.Tensor):
-        tokens = tokens.detach().cpu().numpy()
-    arr = np.asarray(tokens)
-    if arr.ndim != 1:
-        raise TreeError(f"tokens must be a 1-D sequence of token ids, got shape {tuple(arr.shape)}")
-    if arr.size == 0:
-        return np.empty(0, dtype=np.uint32)
-    if not np.issubdtype(arr.dtype, np.integer):
-        raise TreeError(f"token ids must be integers, got dtype {arr.dtype}")
-    lo, hi = int(arr.min()), int(arr.max())
-    if lo < 0 or hi > _MAX_TOKEN:
-        raise TreeError(f"token ids must be in [0, {_MAX_TOKEN}], got values in [{lo}, {hi}]")
-    return arr.astype(np.uint32)
-
-
-def _as_index_array(indices: Sequence[int] | np.ndarray | torch.Tensor, count: int, level: int) -> np.ndarray:
-    """Node indices -> int64 [n], each in [0, count)."""
-    if isinstance(indices, torch.Tensor):
-        indices = indices.detach().cpu().numpy()
-    arr = np.asarray(indices)
-    if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
-        raise TreeError(f"gist indices must be a 1-D integer sequence, got {arr.dtype} of shape {tuple(arr.shape)}")
-    arr = arr.astype(np.int64)
-    if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= count):
-        raise TreeError(
-            f"gist index out of range at level {level}: indices span [{int(arr.min())}, {int(arr.max())}] "
-            f"but the level has {count} complete nodes"
-        )
-    return arr
 
 
 def _check_gister(gister: Gister, dim: int) -> None:
@@ -186,6 +152,7 @@ class MegaContextTree:
         self._gister = gister
         self._chunk = chunk_tokens
         self._closed = False
+        self._pid = os.getpid()  # the process that opened it (a forked child's copy never commits)
         self._pending = np.empty(0, np.uint32)  # deferred appends (< K tokens, no block completed)
         self._tails = self._load_tails()
         if gister is not None:
@@ -355,7 +322,7 @@ class MegaContextTree:
         was appended. Invalid input raises TreeError before anything is written.
         """
         self._check_open()
-        ids = _as_token_array(tokens)
+        ids = as_token_array(tokens)
         if not len(ids):
             return
         gister = self._require_gister("append to it")
@@ -364,17 +331,29 @@ class MegaContextTree:
             part = ids[start : start + self._chunk]
             gists, tails = _gist_step(gister, self._tails, part, self.block_size, self.gist_dtype)
             part = np.concatenate([self._pending, part])
-            if not (defer and len(gists[0]) == 0):
-                self._store.commit(part, gists)
-                part = part[:0]
-            self._pending, self._tails = part, tails
+            if defer and len(gists[0]) == 0:
+                self._pending, self._tails = part, tails
+            else:
+                self._commit(part, gists, tails)
 
     def flush(self) -> None:
         """Commit the deferred appends (nothing to do when there are none)."""
         self._check_open()
         if len(self._pending):
-            self._store.commit(self._pending, [torch.empty(0, self.dim)] * self.levels)
-            self._pending = self._pending[:0]
+            self._commit(self._pending, [torch.empty(0, self.dim)] * self.levels, self._tails)
+
+    def _commit(self, tokens: np.ndarray, gists: Sequence[torch.Tensor], tails: _Tails) -> None:
+        """Commit `tokens` (the deferred ones first) and `gists`, after which the children without
+        a parent are `tails`. The tree's state follows the store's: it moves on iff the commit
+        happened (also when it then fails, e.g. the folder's fsync after the rename), and no
+        KeyboardInterrupt or SIGTERM handler lands between the two, so nothing is committed twice."""
+        committed = self.committed_tokens
+        with uninterrupted():
+            try:
+                self._store.commit(tokens, gists)
+            finally:
+                if self.committed_tokens != committed:
+                    self._pending, self._tails = tokens[:0], tails
 
     def grow(self, levels: int) -> None:
         """Add gist levels until the tree has `levels` (nothing when it has them already).
@@ -385,9 +364,11 @@ class MegaContextTree:
         self._check_open()
         gister = self._require_gister("grow it")
         self._ensure_fresh()
-        while self.levels < levels:
-            self._store.add_level(self._parents(gister, self.levels))
-        self._tails = self._load_tails()
+        try:
+            while self.levels < levels:
+                self._store.add_level(self._parents(gister, self.levels))
+        finally:
+            self._tails = self._load_tails()  # the levels committed, even when the last one failed
 
     def refresh(self, gister: Gister | None = None) -> None:
         """Recompute every gist from LOD0 with `gister` (default: the tree's own) and record its version.
@@ -408,9 +389,12 @@ class MegaContextTree:
                 gists, tails = _gist_step(gister, tails, tokens, K, self.gist_dtype)
                 yield gists
 
-        self._store.rewrite(gister.version, chunks())
-        self._gister = gister
-        self._tails = self._load_tails()
+        try:
+            self._store.rewrite(gister.version, chunks())
+        finally:
+            if self.gist_version == gister.version:  # committed (also when it failed after its commit point)
+                self._gister = gister
+                self._tails = self._load_tails()
 
     def _parents(self, gister: Gister, level: int) -> Iterator[torch.Tensor]:
         """The gists of every complete level-(`level`+1) node, from the stored level `level`:
@@ -457,7 +441,7 @@ class MegaContextTree:
         """Gists of nodes (level, i) for i in `indices` [n] -> float32 [n, d] on the CPU."""
         self._check_open()
         level = self._check_level(level, lowest=1)
-        idx = _as_index_array(indices, self.num_nodes(level), level)
+        idx = as_index_array(indices, self.num_nodes(level), level)
         self._ensure_fresh()
         return self._store.read_gists(level, idx)
 
@@ -482,6 +466,13 @@ class MegaContextTree:
                 self._store.close()
                 self._closed = True
                 _WRITERS.discard(self)
+
+    def __del__(self) -> None:
+        """A tree dropped without close() still commits its deferred appends and releases its lock
+        (not a forked child's copy: the parent's tree is the parent's to commit)."""
+        if getattr(self, "_pid", None) == os.getpid():
+            with contextlib.suppress(OSError, TreeError):
+                self.close()
 
     def __enter__(self) -> MegaContextTree:
         return self

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -22,12 +22,13 @@ from typing import BinaryIO, Protocol
 import numpy as np
 import torch
 
-from megacontext.durable import checksum_ok, fsync_dir, replace_file, with_checksum
+from megacontext.durable import checksum_ok, fsync_dir, replace_file, uninterrupted, with_checksum
 from megacontext.errors import TreeError
 from megacontext.lock import LOCK_FILE, WriterLock
 from megacontext.tree_format import HEADER_SIZE, METADATA_FILE, NUMPY_DTYPES, Header, Meta, level_file
 
 _CRC_BLOCK = 1 << 24  # bytes per read when checking a level file's CRC-32
+_MAX_TOKEN = 2**32 - 1
 _TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -51,6 +52,39 @@ def _decode(a: np.ndarray, dtype: str) -> torch.Tensor:
 def quantize(g: torch.Tensor, dtype: str) -> torch.Tensor:
     """Round float32 gists through the storage dtype (what a reader will get back)."""
     return g if dtype == "float32" else g.to(_TORCH_DTYPES[dtype]).float()
+
+
+def as_token_array(tokens: Sequence[int] | np.ndarray | torch.Tensor) -> np.ndarray:
+    """Any 1-D integer sequence -> uint32 [n]; TreeError on anything else."""
+    if isinstance(tokens, torch.Tensor):
+        tokens = tokens.detach().cpu().numpy()
+    arr = np.asarray(tokens)
+    if arr.ndim != 1:
+        raise TreeError(f"tokens must be a 1-D sequence of token ids, got shape {tuple(arr.shape)}")
+    if arr.size == 0:
+        return np.empty(0, dtype=np.uint32)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise TreeError(f"token ids must be integers, got dtype {arr.dtype}")
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi > _MAX_TOKEN:
+        raise TreeError(f"token ids must be in [0, {_MAX_TOKEN}], got values in [{lo}, {hi}]")
+    return arr.astype(np.uint32)
+
+
+def as_index_array(indices: Sequence[int] | np.ndarray | torch.Tensor, count: int, level: int) -> np.ndarray:
+    """Node indices -> int64 [n], each in [0, count)."""
+    if isinstance(indices, torch.Tensor):
+        indices = indices.detach().cpu().numpy()
+    arr = np.asarray(indices)
+    if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+        raise TreeError(f"gist indices must be a 1-D integer sequence, got {arr.dtype} of shape {tuple(arr.shape)}")
+    arr = arr.astype(np.int64)
+    if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= count):
+        raise TreeError(
+            f"gist index out of range at level {level}: indices span [{int(arr.min())}, {int(arr.max())}] "
+            f"but the level has {count} complete nodes"
+        )
+    return arr
 
 
 # --------------------------------------------------------------------------- backends
@@ -145,11 +179,11 @@ class RamStore:
         self._gists = self._empty_gists()
 
 
-def _write_metadata(folder: Path, meta: Meta, crc: Sequence[int]) -> None:
+def _write_metadata(folder: Path, meta: Meta, crc: Sequence[int], replaced: Callable[[], None] | None = None) -> None:
     """Atomically replace metadata.json (with the levels' CRC-32s and its checksum): write tmp,
-    fsync, rename, fsync the folder."""
+    fsync, rename (then ``replaced()``), fsync the folder."""
     record = {**meta.to_json(), "crc32": {f"LOD{k}": c for k, c in enumerate(crc)}}
-    replace_file(folder / METADATA_FILE, json.dumps(with_checksum(record), indent=1))
+    replace_file(folder / METADATA_FILE, json.dumps(with_checksum(record), indent=1), replaced)
 
 
 def _read_metadata(meta_file: Path) -> tuple[Meta, tuple[int, ...] | None]:
@@ -186,7 +220,6 @@ def _crc32(file: Path, nbytes: int) -> int:
             crc = zlib.crc32(block, crc)
             nbytes -= len(block)
     return crc
-
 
 
 def _stream(files: Sequence[BinaryIO], chunks: Iterable[Sequence[torch.Tensor]], dtype: str) -> list[int]:
@@ -359,9 +392,7 @@ class DiskStore:
                 f.flush()
                 os.fsync(f.fileno())
                 crc[level] = zlib.crc32(data, crc[level])
-        meta = replace(self.meta, committed=tuple(c + len(a) for c, a in zip(self.meta.committed, items)))
-        _write_metadata(self.path, meta, crc)
-        self.meta, self.crc = meta, tuple(crc)
+        self._record(replace(self.meta, committed=tuple(c + len(a) for c, a in zip(self.meta.committed, items))), crc)
 
     def rewrite(self, version: str, chunks: Iterable[Sequence[torch.Tensor]]) -> None:
         """Stream new gists into LODk.ctx.refresh files, then swap them in and commit the version.
@@ -390,9 +421,7 @@ class DiskStore:
         fsync_dir(self.path)
         for k in range(1, self.meta.levels + 1):
             self._files[k] = open(level_file(self.path, k), "r+b")
-        meta = replace(self.meta, gist_version=version)
-        _write_metadata(self.path, meta, crc)
-        self.meta, self.crc = meta, tuple(crc)
+        self._record(replace(self.meta, gist_version=version), crc)
 
     def add_level(self, gists: Iterable[torch.Tensor]) -> None:
         """Write LOD{L+1}.ctx (header, then the gists [n, d] given in order), fsync it and the
@@ -405,14 +434,23 @@ class DiskStore:
             f.write(Header.for_level(meta, level, meta.gist_version).pack())
             crc = (*self.crc, *_stream([f], ((g,) for g in gists), meta.gist_dtype))
             fsync_dir(self.path)
-            meta = replace(meta, committed=(*meta.committed, (f.tell() - HEADER_SIZE) // meta.item_bytes(level)))
-            _write_metadata(self.path, meta, crc)
-        except BaseException:
-            f.close()
-            raise
-        self.meta, self.crc = meta, crc
-        self._files.append(f)
-        self._maps.append(None)
+            self._record(replace(meta, committed=(*meta.committed, (f.tell() - HEADER_SIZE) // meta.item_bytes(level))), crc)
+        finally:
+            if self.meta.levels == level:  # committed (also when the folder's fsync after the rename failed)
+                self._files.append(f)
+                self._maps.append(None)
+            else:
+                f.close()
+
+    def _record(self, meta: Meta, crc: Sequence[int]) -> None:
+        """Commit ``meta`` and ``crc`` (replace metadata.json). ``self.meta`` and ``self.crc``
+        follow the file from its rename on, even when the folder's fsync after it fails, and
+        no signal handler (KeyboardInterrupt) runs between the rename and them."""
+        def renamed() -> None:
+            self.meta, self.crc = meta, tuple(crc)
+
+        with uninterrupted():
+            _write_metadata(self.path, meta, crc, renamed)
 
     def bytes_on_disk(self) -> int:
         files = [level_file(self.path, k) for k in range(self.meta.levels + 1)] + [self.path / METADATA_FILE]

@@ -462,11 +462,10 @@ class WorkingContext:
 
 
 def _too_long(num_tokens: int, block_size: int, levels: int, tail_blocks: int, need: int, budget: int) -> str:
-    return (
-        f"a history of {num_tokens} tokens with {levels} gist level(s) (block size {block_size}, "
-        f"tail_blocks {tail_blocks}) needs a working-context budget of at least {need}, "
-        f"got {budget}: raise focus.budget or tree.levels"
-    )
+    more = fitting_levels(num_tokens, block_size, levels, tail_blocks, budget)  # what a session grows to itself
+    fits = f" or tree.levels to {more}" if minimum_cost(num_tokens, block_size, more, tail_blocks) <= budget else ""
+    return (f"a history of {num_tokens} tokens with {levels} gist level(s) (block size {block_size}, tail_blocks "
+            f"{tail_blocks}) needs a working-context budget of at least {need}, got {budget}: raise focus.budget{fits}")
 
 
 # ---------------------------------------------------------------------- assembly

@@ -51,8 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "when the command ends (also on Ctrl-C or SIGTERM). When the history outgrows the "
         "budget at the tree's levels, the tree grows the next level (LOD3, LOD4, ...), so any "
         "history fits a budget of at least (tail_blocks + 1) * K - 1 + (K - 1) * D, for "
-        "histories of fewer than K**(D + 1) tokens: with K=32 and one tail block, 156 serves a million "
-        "tokens, 256 up to 3e10.",
+        "histories of fewer than K**(D + 1) tokens: at the defaults (K=32, tail_blocks=2), 188 serves a "
+        "million tokens and 256 every history below 2**30 (1.07e9; 3.4e10 with tail_blocks=1).",
     )
     add_common(p)
     p.add_argument("--tree", required=True, metavar="DIR", help="tree folder (made by ingest)")

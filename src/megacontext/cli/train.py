@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from megacontext.cli import add_common, load_args_config
@@ -44,13 +44,18 @@ def locked_run(cfg: Config, out_dir: str | None, resume: str | None) -> Iterator
     """The run folder training will use, created and write-locked for the block (a second
     writer of the same folder is refused at once, naming this process). Under ``accelerate
     launch`` every process gets the same folder and the main process, the one that writes,
-    holds the lock."""
+    holds the lock; when it cannot take it, every process stops with its error."""
     from megacontext.lock import WriterLock
-    from megacontext.training.loop import processes, resolve_run_dir
+    from megacontext.training.loop import on_main, processes, resolve_run_dir
 
     run_dir = resolve_run_dir(cfg, out_dir, resume)
     run_dir.mkdir(parents=True, exist_ok=True)
-    with WriterLock(run_dir, "run") if processes(cfg).is_main_process else nullcontext():
+    with ExitStack() as held:
+
+        def lock() -> None:
+            held.enter_context(WriterLock(run_dir, "run"))
+
+        on_main(processes(cfg), lock)  # before train()'s first collective
         yield run_dir
 
 

@@ -15,8 +15,9 @@ Data parallelism (``accelerate launch``): each process takes an equal share of e
 windows (and of a lens phase's label steps) and gradients are averaged explicitly before the
 step — the modules are not DDP-wrapped because which one trains flips between phases. Step
 metrics are averaged over the processes; after every phase the processes check that they
-hold the same trainable weights. Only the main process writes: labels, telemetry,
-checkpoints, the run folder's lock (``cli.train.locked_run``).
+hold the same trainable weights. Only the main process validates (:func:`on_main`: every
+process gets its row, so all take the same plateau decision) and writes: labels (gathered to
+it), telemetry, checkpoints, the run folder's lock (``cli.train.locked_run``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -40,6 +41,7 @@ import torch
 import yaml
 from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list, gather_object
+from torch import distributed
 
 from megacontext.base_model import BaseModel, resolve_device
 from megacontext.checkpoint import (
@@ -151,6 +153,26 @@ def processes(cfg: Config) -> PartialState:
     return PartialState(cpu=resolve_device(cfg.base.device).type == "cpu")
 
 
+def on_main(procs: PartialState | Accelerator, work: Callable[[], Any]) -> Any:
+    """``work()`` in the main process only, its (picklable) result sent to every process;
+    alone: just ``work()``. A failure there is raised in every process (elsewhere as a
+    MegaContextError with its message) rather than leaving them waiting in a collective."""
+    if procs.num_processes == 1:
+        return work()
+    result, failure = None, None
+    if procs.is_main_process:
+        try:
+            result = work()
+        except Exception as e:  # re-raised below, once the others have heard of it
+            failure = e
+    result, message = broadcast_object_list([result, None if failure is None else str(failure)])
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise MegaContextError(message)
+    return result
+
+
 def trainable_version(m: Modules) -> str:
     """Versions of GistNet, LensNet and the LoRA weights (what the processes must agree on)."""
     return "-".join((module_version(m.gistnet), module_version(m.lensnet), m.adapter_version()))
@@ -159,7 +181,11 @@ def trainable_version(m: Modules) -> str:
 # ------------------------------------------------------------------------ run folder
 def resolve_run_dir(cfg: Config, out_dir: str | os.PathLike | None, resume: str | None) -> Path:
     """``--out``; else the run of the ``--resume`` checkpoint; else a new timestamped run
-    (the main process's choice in every process)."""
+    (the main process's choice, or its error, in every process)."""
+    return Path(on_main(processes(cfg), lambda: str(_run_dir(cfg, out_dir, resume))))
+
+
+def _run_dir(cfg: Config, out_dir: str | os.PathLike | None, resume: str | None) -> Path:
     runs = cfg.artifact_root / "runs"
     if out_dir is not None:
         run_dir = Path(out_dir).expanduser().resolve()
@@ -175,8 +201,6 @@ def resolve_run_dir(cfg: Config, out_dir: str | os.PathLike | None, resume: str 
         run_dir = runs / f"{stamp}-{cfg.fingerprint()[:8]}"
     if resume is None and list_checkpoints(run_dir / "checkpoints"):  # not: only the temp folder of a killed first save
         raise MegaContextError(f"{run_dir} already holds a training run: add --resume latest, or pick another --out")
-    if processes(cfg).num_processes > 1:
-        run_dir = Path(broadcast_object_list([str(run_dir)])[0])
     return run_dir
 
 
@@ -231,8 +255,10 @@ def phase_labels(ctx: Context, plan: PhasePlan, regenerate: bool) -> list[list[L
             made += zip(*label_step(m, cfg, windows, rng, plan.cycle, step, plan.spec.in_cycle, version))
             ctx.telemetry.advance()
         ctx.telemetry.end_phase()
-        if acc.num_processes > 1:
-            made = sorted(gather_object(made), key=lambda pair: pair[0].step)  # stable: snapshot order kept
+        if acc.num_processes > 1:  # to the main process, the writer; stable sort: snapshot order kept
+            shares: list[Any] | None = [None] * acc.num_processes if acc.is_main_process else None
+            distributed.gather_object(made, shares, dst=0)
+            made = sorted((pair for share in shares or [] for pair in share), key=lambda pair: pair[0].step)
         if acc.is_main_process:
             write_labels(folder, [s for s, _ in made], [r for _, r in made])
         acc.wait_for_everyone()
@@ -310,7 +336,14 @@ def run_phase(ctx: Context, plan: PhasePlan, resume_from: Checkpoint | None) -> 
     tel.end_phase()
 
     m.set_trainable(None)
-    metrics, traces = validate(m, cfg, ctx.val_windows, ctx.baselines, ctx.task_windows)
+    traces: list[dict] = []
+
+    def validated() -> dict[str, float]:
+        metrics, records = validate(m, cfg, ctx.val_windows, ctx.baselines, ctx.task_windows)
+        traces.extend(records)  # the main process's, which it alone writes
+        return metrics
+
+    metrics = on_main(acc, validated)  # one validation; every process appends the same row
     version = m.gist_version()
     row = {"cycle": plan.cycle, "phase": plan.phase, "name": plan.name, "steps": plan.steps,
            "gist_version": version, **metrics}
