@@ -32,6 +32,21 @@ def smoke_roots(tmp_path_factory) -> dict[str, str]:
     return {"data_root": str(root / "data"), "artifact_root": str(root / "artifacts")}
 
 
+# A short training run: two steps per phase, a checkpoint after every step (mid-phase
+# checkpoints to kill or resume between), small label and focus settings, one thread.
+SHORT_RUN_SETS = (
+    "train.checkpoint_every=1",
+    "train.phases.warm_gist.steps=2",
+    "train.phases.warm_lens.steps=2",
+    "train.phases.jt1.steps=2",
+    "train.phases.jt2.steps=2",
+    "train.phases.jt3.steps=2",
+    "train.labels.candidates=4",
+    "train.focus_rounds=2",
+    "train.cpu_threads=1",  # the same in every run; no stalls on a busy machine
+)
+
+
 def smoke_config(roots: dict[str, str], *overrides: str) -> Config:
     """configs/smoke.yaml with data/artifact roots in the session's temp folder."""
     sets = [f"paths.data_root={roots['data_root']}", f"paths.artifact_root={roots['artifact_root']}"]

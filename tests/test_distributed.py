@@ -36,21 +36,9 @@ from megacontext.modules import Modules
 from megacontext.training.loop import _sampler, cpu_threads, make_optimizer, on_main, schedule, trainable_version
 from megacontext.training.phases import PHASE_BY_NAME
 
-from conftest import smoke_config
+from conftest import SHORT_RUN_SETS, smoke_config
 
-# One short cycle, a checkpoint after every step (mid-phase checkpoints to resume from).
-SETS = (
-    "train.cycles=1",
-    "train.checkpoint_every=1",
-    "train.phases.warm_gist.steps=2",
-    "train.phases.warm_lens.steps=2",
-    "train.phases.jt1.steps=2",
-    "train.phases.jt2.steps=2",
-    "train.phases.jt3.steps=2",
-    "train.labels.candidates=4",
-    "train.focus_rounds=2",
-    "train.cpu_threads=1",
-)
+SETS = ("train.cycles=1", *SHORT_RUN_SETS)  # one short cycle (mid-phase checkpoints to resume from)
 PROCESSES = 2
 SRC = Path(__file__).resolve().parents[1] / "src"
 

@@ -28,20 +28,7 @@ from megacontext.training.loop import make_optimizer, plateaued, schedule, train
 from megacontext.training.phases import PHASE_BY_NAME, label_step, lens_examples, lens_step
 from megacontext.working_context import WorkingContext, assemble
 
-from conftest import smoke_config
-
-# Two short cycles with a checkpoint after every step (mid-phase checkpoints to kill between).
-RUN_SETS = (
-    "train.checkpoint_every=1",
-    "train.phases.warm_gist.steps=2",
-    "train.phases.warm_lens.steps=2",
-    "train.phases.jt1.steps=2",
-    "train.phases.jt2.steps=2",
-    "train.phases.jt3.steps=2",
-    "train.labels.candidates=4",
-    "train.focus_rounds=2",
-    "train.cpu_threads=1",  # the same in both runs; no stalls on a busy machine
-)
+from conftest import SHORT_RUN_SETS, smoke_config
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +159,7 @@ def test_reconstruction_term_falls_and_moves_only_its_owner(phase, key, modules,
 @pytest.fixture(scope="module")
 def run_a(smoke_roots, smoke_base, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "A"
-    summary = train(smoke_config(smoke_roots, *RUN_SETS), out_dir=out, progress=False)
+    summary = train(smoke_config(smoke_roots, *SHORT_RUN_SETS), out_dir=out, progress=False)
     return out, summary
 
 
@@ -210,7 +197,7 @@ def test_sigkill_then_resume_latest_reproduces_the_run(run_a, smoke_roots, tmp_p
     out_b = tmp_path / "B"
     sets = [f"paths.data_root={smoke_roots['data_root']}", f"paths.artifact_root={smoke_roots['artifact_root']}"]
     cmd = [sys.executable, "-m", "megacontext", "train", "--config", "smoke", "--out", str(out_b), "--no-progress"]
-    for s in sets + list(RUN_SETS):
+    for s in sets + list(SHORT_RUN_SETS):
         cmd += ["--set", s]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
@@ -229,7 +216,7 @@ def test_sigkill_then_resume_latest_reproduces_the_run(run_a, smoke_roots, tmp_p
         f.seek(-4, os.SEEK_END)
         f.write(b"\x00\x01\x02\x03")
     with pytest.warns(CheckpointWarning, match=latest.name):
-        summary_b = train(smoke_config(smoke_roots, *RUN_SETS), out_dir=out_b, resume="latest", progress=False)
+        summary_b = train(smoke_config(smoke_roots, *SHORT_RUN_SETS), out_dir=out_b, resume="latest", progress=False)
     dump = lambda rows: json.dumps(rows, sort_keys=True)  # noqa: E731  (NaN-safe comparison)
     assert dump(summary_b["validation"]) == dump(summary_a["validation"])
     final_a, final_b = out_a / "checkpoints" / "c2-jt3", out_b / "checkpoints" / "c2-jt3"
