@@ -65,7 +65,7 @@ def main() -> None:
         f"eval.passkey_lengths=[{args.lengths}]", f"eval.passkey_depths=[{args.depths}]",
         f"eval.passkey_trials={args.trials}", *args.overrides])
     mods = Modules.load(cfg, args.checkpoint, ablate="lensnet" if args.fresh_lensnet else None)
-    policies = ["uniform_gists", "similarity_focus", "megacontext"]
+    policies = ["uniform_gists", "likelihood_focus", "megacontext"]
     t0 = time.perf_counter()
     show(f"before ({mods.checkpoint})", grid(mods, cfg, policies), policies)
     print(f"[grid {time.perf_counter() - t0:.0f}s]")
