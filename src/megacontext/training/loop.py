@@ -537,4 +537,7 @@ def _train(
     }
     if accelerator.is_main_process:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True, default=str))
+    if accelerator.num_processes > 1:  # tear the process group down before exit: gloo's threads
+        accelerator.wait_for_everyone()  # alive at interpreter exit can abort a rank (seen once in CI)
+        accelerator.end_training()
     return summary
