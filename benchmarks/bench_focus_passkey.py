@@ -29,7 +29,7 @@ from megacontext.eval.passkey import passkey_grid
 from megacontext.focus.policies import FocusSettings
 from megacontext.modules import Modules
 from megacontext.training.loop import make_optimizer
-from megacontext.training.phases import label_step, lens_examples, lens_step
+from megacontext.training.phases import StepOutput, label_step, lens_examples, lens_step
 
 
 def grid(mods: Modules, cfg, policies: list[str]) -> dict[tuple[int, float, str], float]:
@@ -37,6 +37,24 @@ def grid(mods: Modules, cfg, policies: list[str]) -> dict[tuple[int, float, str]
     filler = prepare_dataset(cfg, progress=False).documents("test")
     rows = passkey_grid(mods, settings, cfg.eval, filler, [cfg.focus.budget], policies, cfg.seed)
     return {(r["history_tokens"], r["depth"], r["policy"]): r["accuracy"] for r in rows}
+
+
+def task_mixture(mods: Modules, cfg, docs, name: str) -> TaskMixture:
+    """The LensNet phases' training windows (corpus windows of ``docs`` mixed with ``train.tasks``), seeded by ``name``."""
+    t = cfg.train
+    corpus = WindowSampler(docs, t.horizon, t.history_min, t.history_max, "random", derive_seed(cfg.seed, name))
+    return TaskMixture(corpus, docs, mods.base.tokenizer, t.tasks, derive_seed(cfg.seed, name))
+
+
+def lens_update(mods: Modules, cfg, params, opt, sched, examples) -> StepOutput:
+    """One LensNet step on labelled examples, taken as the LensNet phases take it (one process)."""
+    opt.zero_grad(set_to_none=True)
+    out = lens_step(mods, cfg, examples)
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, cfg.train.optim.grad_clip)
+    opt.step()
+    sched.step()
+    return out
 
 
 def show(title: str, acc: dict, policies: list[str]) -> None:
@@ -71,10 +89,7 @@ def main() -> None:
     print(f"[grid {time.perf_counter() - t0:.0f}s]")
 
     t = cfg.train
-    data = prepare_dataset(cfg, progress=False)
-    docs = data.documents("train")
-    corpus = WindowSampler(docs, t.horizon, t.history_min, t.history_max, "random", derive_seed(cfg.seed, "bench"))
-    mix = TaskMixture(corpus, docs, mods.base.tokenizer, t.tasks, derive_seed(cfg.seed, "bench"))
+    mix = task_mixture(mods, cfg, prepare_dataset(cfg, progress=False).documents("train"), "bench")
     mods.set_trainable("lensnet")
     params = mods.parameters_of("lensnet")
     opt, sched = make_optimizer(params, args.lr, t.optim, args.steps)
@@ -89,12 +104,7 @@ def main() -> None:
             examples = lens_examples(mods, cfg, snaps, rows)
             mods.set_trainable("lensnet")
             tasks = [w.task for w in windows]
-        opt.zero_grad(set_to_none=True)
-        out = lens_step(mods, cfg, examples)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, t.optim.grad_clip)
-        opt.step()
-        sched.step()
+        out = lens_update(mods, cfg, params, opt, sched, examples)
         if step % 10 == 0 or step == args.steps - 1:
             m = out.metrics
             print(f"step {step:4d}  loss {m['loss']:.4f}  regression {m['regression']:.4f}  "

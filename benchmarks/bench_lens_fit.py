@@ -19,14 +19,15 @@ import argparse
 
 import numpy as np
 import torch
+from bench_focus_passkey import lens_update, task_mixture  # a sibling script (benchmarks/ is on sys.path)
 
 from megacontext.config import derive_seed, load_config
-from megacontext.data import TaskMixture, WindowSampler, prepare_dataset
+from megacontext.data import TaskMixture, prepare_dataset
 from megacontext.focus.lens import lens_scores
 from megacontext.modules import Modules
 from megacontext.training.labels import LensExample
 from megacontext.training.loop import make_optimizer
-from megacontext.training.phases import label_step, lens_examples, lens_step
+from megacontext.training.phases import label_step, lens_examples
 
 
 def labelled(mods: Modules, cfg, mix: TaskMixture, n: int, first_step: int, rng) -> list[LensExample]:
@@ -62,9 +63,7 @@ def main() -> None:
     cfg = load_config(args.config, ["train.tasks.passkey=1.0", *args.overrides])
     mods = Modules.load(cfg, "none", ablate="lensnet")
     t = cfg.train
-    docs = prepare_dataset(cfg, progress=False).documents("train")
-    corpus = WindowSampler(docs, t.horizon, t.history_min, t.history_max, "random", derive_seed(cfg.seed, "fit"))
-    mix = TaskMixture(corpus, docs, mods.base.tokenizer, t.tasks, derive_seed(cfg.seed, "fit"))
+    mix = task_mixture(mods, cfg, prepare_dataset(cfg, progress=False).documents("train"), "fit")
     rng = np.random.default_rng(derive_seed(cfg.seed, "fit-labels"))
     train = labelled(mods, cfg, mix, args.train, 0, rng)
     held = labelled(mods, cfg, mix, args.held_out, 10_000, rng)
@@ -76,12 +75,7 @@ def main() -> None:
     opt, sched = make_optimizer(params, args.lr, t.optim, args.steps)
     for step in range(args.steps):
         pick = np.random.default_rng(step).choice(len(train), min(4, len(train)), replace=False)
-        opt.zero_grad(set_to_none=True)
-        out = lens_step(mods, cfg, [train[i] for i in pick])
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, t.optim.grad_clip)
-        opt.step()
-        sched.step()
+        out = lens_update(mods, cfg, params, opt, sched, [train[i] for i in pick])
         if step % 50 == 49 or step == args.steps - 1:
             sep = separation(mods, held)
             wins = sum(b > o for b, o in sep)
