@@ -84,6 +84,15 @@ def test_logits_from_embeds_equal_logits_from_ids(base):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+def test_last_logits_are_the_tail_of_the_full_logits(base):
+    ids = _ids(base, TEXTS[0])[None].repeat(2, 1)
+    with torch.no_grad():
+        ref = base.model(input_ids=ids).logits
+        out = base.last_logits(ids, 5)
+    assert out.shape == (2, 5, base.model.config.vocab_size)
+    torch.testing.assert_close(out, ref[:, -5:], atol=1e-5, rtol=1e-5)
+
+
 def test_forward_padded_equals_per_row_forward(base):
     torch.manual_seed(1)
     lengths = [5, 17, 11]

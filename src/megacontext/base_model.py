@@ -300,6 +300,12 @@ class BaseModel:
                 f"within base.max_context ({self.max_context})"
             )
 
+    def last_logits(self, input_ids: torch.Tensor, keep: int) -> torch.Tensor:
+        """Logits ``[B, keep, V]`` of the last ``keep`` positions of ``input_ids`` ``[B, S]``
+        (the LM head runs only on those where the model takes ``logits_to_keep``)."""
+        extra = {"logits_to_keep": keep} if self._logits_to_keep else {}
+        return self.model(input_ids=input_ids, **extra).logits[:, -keep:]
+
     def forward_padded(
         self, embeds: Sequence[torch.Tensor], positions: Sequence[torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -74,8 +74,8 @@ def block_gains(
 
 def _query_logprob(base: BaseModel, seq: torch.Tensor, prefix: int) -> torch.Tensor:
     """[B]: sum of log p(seq[:, t]) for t >= prefix (>= 1) of seq int64 [B, S]."""
-    logits = base.model(input_ids=seq).logits.float()  # [B, S, V]
-    logp = torch.log_softmax(logits[:, prefix - 1 : -1], dim=-1)
+    logits = base.last_logits(seq, seq.shape[1] - prefix + 1).float()  # [B, S - prefix + 1, V]
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)
     return logp.gather(-1, seq[:, prefix:, None]).squeeze(-1).sum(-1)
 
 
