@@ -8,7 +8,8 @@ For each model, at the same window W (the focus budget):
   ``model.generate`` on the newest W tokens (greedy, the same number of new tokens, each
   token timed as it comes: from the session's iterator, from a generate streamer). "decode" counts the tokens after the first, so the
   prefill both make is left out; "call" is the whole call. Target: ratio >= 0.8.
-- **refocus vs forward**: median ms of one refocus (assemble + LensNet + allocator) against
+- **refocus vs forward**: median ms of one refocus (assemble + LensNet + allocator, and the
+  query gains of ``lensnet.query_likelihood``, computed anew as at every block boundary) against
   one base forward over the same full window. Target: ratio <= 0.10 on the 135M model.
 - ``reused``: the share of the window the KV cache kept across the refocuses of the
   generation (the entries before the first one a refocus changed); **ingest**: tokens/s
@@ -39,6 +40,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from megacontext.config import Config, load_config
 from megacontext.data.tokenizer import train_bpe
+from megacontext.focus.source import TreeSource
 from megacontext.modules import Modules
 from megacontext.runtime import Session, open_or_create_tree
 from megacontext.tree import MegaContextTree
@@ -179,7 +181,12 @@ def bench_model(label: str, cfg: Config, checkpoint: str | None, args: argparse.
             base.forward(window.embeds[None], window.position_ids[None])
 
     forward_ms = _median_ms(forward, args.repeats)
-    refocus_ms = _median_ms(session.refocus, args.repeats)
+
+    def refocus() -> None:  # as at a block boundary: a new query, so the likelihood feature's gains are computed anew
+        session.source = TreeSource(tree, base)
+        session.refocus()
+
+    refocus_ms = _median_ms(refocus, args.repeats)
 
     mc, hf, refocuses = [], [], []
     for r in range(-1, args.generations):  # alternating, after a warm-up pair; a fresh session (empty KV cache) each
