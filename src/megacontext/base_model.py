@@ -280,7 +280,7 @@ class BaseModel:
         if attention_mask is None:
             past = past_key_values.get_seq_length() if past_key_values is not None else 0
             attention_mask = torch.ones(B, past + T, dtype=torch.long, device=self.device)
-        extra = {"logits_to_keep": 1} if last_only and self._logits_to_keep else {}
+        extra = self._keep_logits(1) if last_only else {}
         return self.model(
             inputs_embeds=inputs_embeds.to(device=self.device, dtype=self.dtype),
             position_ids=position_ids.to(self.device),
@@ -303,8 +303,11 @@ class BaseModel:
     def last_logits(self, input_ids: torch.Tensor, keep: int) -> torch.Tensor:
         """Logits ``[B, keep, V]`` of the last ``keep`` positions of ``input_ids`` ``[B, S]``
         (the LM head runs only on those where the model takes ``logits_to_keep``)."""
-        extra = {"logits_to_keep": keep} if self._logits_to_keep else {}
-        return self.model(input_ids=input_ids, **extra).logits[:, -keep:]
+        return self.model(input_ids=input_ids, **self._keep_logits(keep)).logits[:, -keep:]
+
+    def _keep_logits(self, keep: int) -> dict[str, int]:
+        """The model's kwargs that run the LM head on the last ``keep`` positions only ({} when it cannot)."""
+        return {"logits_to_keep": keep} if self._logits_to_keep else {}
 
     def forward_padded(
         self, embeds: Sequence[torch.Tensor], positions: Sequence[torch.Tensor]
