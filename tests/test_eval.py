@@ -17,7 +17,7 @@ from megacontext.cli import main
 from megacontext.config import Config
 from megacontext.data import make_passkey
 from megacontext.eval.evaluate import EvalOptions, evaluate, select_windows
-from megacontext.eval.passkey import answer_correct
+from megacontext.eval.passkey import SESSION_ROW, answer_correct
 from megacontext.eval.results import (
     EVAL_KEYS,
     PASSKEY_KEYS,
@@ -148,7 +148,8 @@ def test_windows_respect_the_budget_and_gist_policies_use_gists(eval_run, smoke_
 def test_passkey_rows_cover_the_grid(eval_run, smoke_cfg):
     e = smoke_cfg.eval
     rows = eval_run.json["passkey"]
-    expect = {(b, n, d, p) for b in BUDGETS for n in e.passkey_lengths for d in e.passkey_depths for p in POLICIES}
+    rows_of = (*POLICIES, SESSION_ROW)  # megacontext through the grid's protocol, and the runtime's session
+    expect = {(b, n, d, p) for b in BUDGETS for n in e.passkey_lengths for d in e.passkey_depths for p in rows_of}
     assert {(r["budget"], r["history_tokens"], r["depth"], r["policy"]) for r in rows} == expect
     assert all(0.0 <= r["accuracy"] <= 1.0 and r["n"] == e.passkey_trials for r in rows)
     assert all((r["accuracy"] * r["n"]).is_integer() for r in rows)

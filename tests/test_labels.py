@@ -46,6 +46,22 @@ def test_lookahead_credits_a_coarse_gist_with_its_best_child_path():
     assert gains.tolist() == pytest.approx([0.5 - 0.025, 0.06 - 0.045, -0.01])  # advantage over the median path
 
 
+def test_lookahead_noise_correction_removes_the_max_of_k_bias_and_keeps_a_needle():
+    """32 child paths of pure noise (sigma 1): their best beats their median by about two sigma,
+    which ``noise_z=2`` takes back; a needle path 10 sigma out keeps most of its credit (> 6 sigma)."""
+    rng = np.random.default_rng(0)
+    cands = [Candidate("expand", 0), *(Candidate("expand", 0, j) for j in range(32))]
+
+    def credit(paths: np.ndarray, z: float) -> float:
+        return float(path_gains(cands, np.array([-np.inf, *paths]), noise_z=z)[1][0])
+
+    noise = [rng.normal(size=32) for _ in range(200)]
+    assert 1.5 < np.mean([credit(v, 0.0) for v in noise]) < 2.5  # the bias
+    assert abs(np.mean([credit(v, 2.0) for v in noise])) < 0.5  # gone
+    needles = [np.concatenate([v[:-1], [10.0]]) for v in noise]
+    assert min(credit(v, 2.0) for v in needles) > 6.0
+
+
 def test_candidates_cover_every_gist_and_lookahead_paths_apply():
     wc = WorkingContext.initial(4096, 32, 2, 256, 2, headroom=0)
     levels = wc.levels_array()

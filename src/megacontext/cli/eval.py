@@ -21,7 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "each raw block raises the frozen base's likelihood of the newest tokens, training-free) and megacontext (LensNet + "
         "allocator). Reports loss@H, ΔNLL vs reference, the share of the recency->reference gap "
         "closed, the oracle_focus ceiling (a search that peeks at the horizon; never a policy), "
-        "passkey and multi-key recall exact-match accuracy (history length x depth) and timing. "
+        "passkey and multi-key recall exact-match accuracy (history length x depth; every policy built "
+        "over the whole prompt, plus megacontext_session: the window a runtime session builds, one block "
+        "held back for decoding) and timing. "
         "Writes DIR/eval.json and prints a table.",
     )
     add_common(p)

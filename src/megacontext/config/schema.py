@@ -228,6 +228,7 @@ class LabelConfig:
     scale: float = 0.1  # nats per horizon token that make a target of tanh(1) = 0.76
     margin: float = 0.01  # noise floor: gains below it count as nothing
     lookahead: bool = True  # level >= 2 gists are credited with their best child path
+    lookahead_noise_z: float = 2.0  # ... counted above its median path by more than this many robust s.d.
     pay_collapses: bool = False  # collapses labelled by what they pay for (the best expand), not only their harm
     explore: float = 0.0  # share of snapshots taken after random-focus rounds instead of LensNet's
 

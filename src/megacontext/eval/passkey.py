@@ -10,12 +10,14 @@ answer exactly. With the window held fixed over those few tokens, that is the sa
 "the argmax at every teacher-forced answer slot is the answer token" (greedy stays on the
 answer as long as it is right), so one batched forward scores every policy of an example.
 
-The ``megacontext`` policy runs like the runtime: a :class:`~megacontext.runtime.Session`
-over a RAM tree ingests the prompt (forced collapses keep it in budget; one refocus once
-it is all in) and refocuses ``train.focus_rounds`` more times, so that LensNet sees the
-question in the raw tail through its conditioning and the allocator can expand the gists
-holding the key.
-The other gist policies build their window over the whole prompt at once.
+Every policy, ``megacontext`` included, builds its window over the whole prompt at once
+(:func:`~megacontext.focus.policies.policy_window`: the initial assembly at the full budget,
+then ``train.focus_rounds`` refocuses with the question in the raw tail), so the rows compare
+scores, not protocols. One more row, ``megacontext_session`` (:data:`SESSION_ROW`, added
+whenever ``megacontext`` is asked for), is what the runtime gives a user: a
+:class:`~megacontext.runtime.Session` over a RAM tree ingests the prompt (forced collapses
+keep it in budget, one block of the budget held back as decoding headroom, one refocus once
+it is all in) and refocuses ``train.focus_rounds`` more times.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ Case = tuple[int, float, int]  # (history tokens, depth, trial)
 
 
 TASKS = ("passkey", "multikey")
+SESSION_ROW = "megacontext_session"  # the runtime's window (see the module docstring)
 
 
 def passkey_examples(
@@ -76,7 +79,8 @@ def answer_correct(base: BaseModel, prefixes: Sequence[PrefixLike], answer: np.n
 
 @torch.no_grad()
 def session_window(mods: Modules, settings: FocusSettings, prompt: np.ndarray, seed: int) -> Assembled:
-    """The runtime's window after ingesting ``prompt`` (refocus per block + final rounds)."""
+    """The runtime's window after ingesting ``prompt`` (one refocus when it is all in, then
+    ``settings.rounds`` more)."""
     shape = settings.shape
     tree = MegaContextTree.create_ram(shape.block_size, shape.levels, mods.base.dim, mods.gister())
     session = Session(mods, tree, settings.focus, seed=seed)
@@ -90,7 +94,7 @@ def _prefix(
     policy: str, mods: Modules, settings: FocusSettings, ex: PasskeyExample, source, rng: np.random.Generator,
     seed: int,
 ) -> PrefixLike:
-    if policy == "megacontext":
+    if policy == SESSION_ROW:
         return session_window(mods, settings, ex.prompt, seed)
     with reading(mods, policy):
         return policy_window(policy, PolicyRequest(mods, settings, ex.prompt, source, len(ex.answer), rng)).prefix
@@ -107,11 +111,14 @@ def passkey_grid(
     seed: int,
     progress: bool = False,
     task: str = "passkey",
+    session: bool = True,
 ) -> list[dict]:
-    """eval.json passkey (or multikey) rows: {budget, history_tokens, depth, policy, accuracy, n}."""
+    """eval.json passkey (or multikey) rows: {budget, history_tokens, depth, policy, accuracy, n};
+    ``session``: add the :data:`SESSION_ROW` right after ``megacontext`` when it is asked for."""
     examples = passkey_examples(ecfg, mods.base.tokenizer, filler, seed, task, settings.shape.block_size)
     hits: dict[tuple[int, int, float, str], list[bool]] = defaultdict(list)
-    needs_source = any(p not in RAW_POLICIES and p != "megacontext" for p in policies)
+    policies = [q for p in policies for q in ((p, SESSION_ROW) if p == "megacontext" and session else (p,))]
+    needs_source = any(p not in RAW_POLICIES and p != SESSION_ROW for p in policies)
     for (length, depth, trial), ex in tqdm(examples, desc=task, unit="ex", disable=not progress):
         source = (
             build_source(mods.base, mods.gistnet, ex.prompt, settings.shape) if needs_source else None

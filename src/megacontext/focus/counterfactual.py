@@ -92,16 +92,29 @@ def windows_nll(
     return torch.cat(out).numpy() if out else np.zeros(0)
 
 
-def path_gains(candidates: Sequence[Candidate], gains: np.ndarray) -> tuple[list[Candidate], np.ndarray]:
+def path_gains(
+    candidates: Sequence[Candidate], gains: np.ndarray, noise_z: float = 0.0
+) -> tuple[list[Candidate], np.ndarray]:
     """Fold lookahead paths into their parent: the parent's gain is the better of its own and
-    its best path's ADVANTAGE over its median path (the max of K noisy paths is biased up;
-    a parent over nothing in particular must not look like one over a needle)."""
+    its best path's ADVANTAGE over its median path, less ``noise_z`` robust standard
+    deviations of its paths (:func:`_advantage`): the max of K noisy paths is biased up, and a
+    parent over nothing in particular must not look like one over a needle."""
     paths: dict[int, list[float]] = {}
     for c, g in zip(candidates, gains):
         if c.kind == "expand" and c.child >= 0:
             paths.setdefault(c.pos, []).append(float(g))
-    lookahead = {pos: max(v) - float(np.median(v)) for pos, v in paths.items()}
+    lookahead = {pos: _advantage(np.asarray(v), noise_z) for pos, v in paths.items()}
     keep = [i for i, c in enumerate(candidates) if c.child < 0]
     out = np.asarray([max(float(gains[i]), lookahead.get(candidates[i].pos, -np.inf))
                       if candidates[i].kind == "expand" else float(gains[i]) for i in keep])
     return [candidates[i] for i in keep], out
+
+
+def _advantage(paths: np.ndarray, noise_z: float) -> float:
+    """``max - median - noise_z * sigma`` of one parent's path gains [K], with the robust
+    ``sigma = 1.4826 * MAD``: the best of K paths that are all noise still beats their median
+    by about two sigma (K = 32), while a needle's path stands many sigma out (one outlier
+    barely moves the median or the MAD)."""
+    med = float(np.median(paths))
+    sigma = 1.4826 * float(np.median(np.abs(paths - med)))
+    return float(paths.max()) - med - noise_z * sigma

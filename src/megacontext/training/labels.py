@@ -7,8 +7,9 @@ For one snapshot (a working context over a window's history):
    outside the tail, :meth:`WorkingContext.collapsible_positions`);
 2. lookahead (``labels.lookahead``): a gist of level >= 2 pays off only once one of its
    children is expanded too, so it is also measured with each child expanded after it, and
-   its gain is the best path's advantage over the median path (the needle path
-   LOD2 -> LOD1 -> LOD0 gets credit; the max of K noisy paths alone would be biased up);
+   its gain is the best path's advantage over the median path, less ``labels.lookahead_noise_z``
+   robust standard deviations of the paths (the needle path LOD2 -> LOD1 -> LOD0 gets credit;
+   the max of K noisy paths alone would be biased up);
 3. NLL@H of the snapshot and of every counterfactual window in batched, left-padded base
    forwards; gain ``g = NLL(snapshot) - NLL(after action)`` in nats per horizon token;
 4. targets on an ABSOLUTE scale (``s = labels.scale`` nats, noise floor ``m = labels.margin``):
@@ -121,7 +122,7 @@ def label_snapshot(
     """Sample candidates, measure them, and expand them into per-entry label rows."""
     cands = sample_candidates(wc, rng, cfg.candidates, cfg.lookahead)
     nll0, after = measure(base, source, wc, cands, horizon, position_mode, cfg.batch)
-    cands, gains = path_gains(cands, nll0 - after)
+    cands, gains = path_gains(cands, nll0 - after, cfg.lookahead_noise_z)
     targets = absolute_targets([c.kind for c in cands], gains, cfg.scale, cfg.margin, cfg.pay_collapses)
     rows = LabelRows([], [], [], [], [], [], [])
     K = wc.block_size
