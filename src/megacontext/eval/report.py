@@ -98,7 +98,8 @@ def session_traces_for_run(
     focus.budget) caps the history, and when the longest document is shorter, the next
     longest ones are appended. The passkey trace: an evaluation passkey prompt of that
     length (needle at depth 0.3) ingested at once and refocused ``train.focus_rounds`` more
-    times, as the passkey grid runs it; ``trace.marker`` is the needle.
+    times, as the passkey grid's ``megacontext_session`` row runs it; ``trace.marker`` is
+    the needle.
     """
     from megacontext.data import make_passkey, prepare_dataset
     from megacontext.eval.timing import trace_session
