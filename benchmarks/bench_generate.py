@@ -9,7 +9,8 @@ For each model, at the same window W (the focus budget):
   token timed as it comes: from the session's iterator, from a generate streamer). "decode" counts the tokens after the first, so the
   prefill both make is left out; "call" is the whole call. Target: ratio >= 0.8.
 - **refocus vs forward**: median ms of one refocus (assemble + LensNet + allocator, and the
-  query gains of ``lensnet.query_likelihood``, computed anew as at every block boundary) against
+  query gains of ``lensnet.query_likelihood``, computed anew as at every block boundary, against
+  the block pairs' kept keys and values: ``focus.likelihood.PairCache``) against
   one base forward over the same full window. Target: ratio <= 0.10 on the 135M model.
 - ``reused``: the share of the window the KV cache kept across the refocuses of the
   generation (the entries before the first one a refocus changed); **ingest**: tokens/s
@@ -40,7 +41,6 @@ from transformers.generation.streamers import BaseStreamer
 
 from megacontext.config import Config, load_config
 from megacontext.data.tokenizer import train_bpe
-from megacontext.focus.source import TreeSource
 from megacontext.modules import Modules
 from megacontext.runtime import Session, open_or_create_tree
 from megacontext.tree import MegaContextTree
@@ -183,7 +183,7 @@ def bench_model(label: str, cfg: Config, checkpoint: str | None, args: argparse.
     forward_ms = _median_ms(forward, args.repeats)
 
     def refocus() -> None:  # as at a block boundary: a new query, so the likelihood feature's gains are computed anew
-        session.source = TreeSource(tree, base)
+        session.source._gains = None  # (against the block pairs' kept keys and values, as a session does)
         session.refocus()
 
     refocus_ms = _median_ms(refocus, args.repeats)

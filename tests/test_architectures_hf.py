@@ -24,6 +24,7 @@ from megacontext.config import load_config
 from megacontext.data import WindowSampler
 from megacontext.data.tokenizer import train_bpe
 from megacontext.errors import MegaContextError
+from megacontext.focus.likelihood import block_gains
 from megacontext.modules import Modules, lora_targets
 from megacontext.training.phases import PHASES, label_step, lens_examples, lens_step
 
@@ -112,6 +113,12 @@ def test_ingest_then_generate_through_the_api(arch, model_dirs, roots, tmp_path)
                 fresh = base.forward(window.embeds[None], window.position_ids[None]).logits[0, -1]
             torch.testing.assert_close(cached, fresh.float(), atol=1e-4, rtol=1e-4)
             s.append([tok])
+        K = rt.block_size  # the refocus reads the query against kept block-pair keys and values
+        first, gains = rt.source.query_gains(K)
+        ids = rt.tree.tokens(first * K, rt.num_tokens).astype(np.int64)
+        assert rt.source._pairs.supported and rt.source._pairs.pairs == len(gains) - 1
+        with torch.no_grad():
+            np.testing.assert_allclose(gains, block_gains(base, ids, K, len(ids) // K * K), atol=2e-3)
     with mc.session(tmp_path / "tree") as s:  # reopened: the whole history, and it goes on
         assert s.num_tokens > n
         s.generate("y", max_new_tokens=2)

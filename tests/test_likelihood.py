@@ -99,3 +99,26 @@ def test_lensnet_reads_the_same_gains_in_training_and_in_the_runtime(smoke_cfg, 
         a.likelihood = torch.zeros_like(a.likelihood)
         (without,) = lens_scores(mods.lensnet, [a])
     assert not torch.allclose(with_feature, without)
+
+
+def test_pair_cache_gives_block_gains_as_the_history_grows_and_its_window_slides(smoke_cfg, smoke_base):
+    """The runtime's cached pairs score every query as block_gains does: while the history grows
+    block by block, when it is read from a later block on, and with room for only a few pairs
+    (older pairs read whole)."""
+    from megacontext.focus.likelihood import PairCache
+
+    mods = Modules.fresh(smoke_cfg, smoke_base)
+    base, K = mods.base, smoke_cfg.tree.block_size
+    history = np.random.default_rng(7).integers(0, base.vocab_size, 12 * K + 5)
+    full, small = PairCache(base, K), PairCache(base, K, max_bytes=1)
+    with torch.no_grad():
+        for n in (K + 3, 3 * K, 3 * K + 1, 7 * K + 2, 12 * K + 5):
+            ids = history[:n]
+            want = block_gains(base, ids, K, n // K * K)
+            np.testing.assert_allclose(full.gains(ids), want, atol=2e-3)
+            np.testing.assert_allclose(small.gains(ids), want, atol=2e-3)
+        assert full.pairs == 11 and small.pairs == 1 and small.first == 10
+        later = history[4 * K :]
+        np.testing.assert_allclose(full.gains(later, offset=4), block_gains(base, later, K, len(later) // K * K),
+                                   atol=2e-3)
+        assert full.first == 4 and full.pairs == 7  # the pairs before block 4 are dropped

@@ -15,7 +15,7 @@ import torch
 
 from megacontext.base_model import BaseModel
 from megacontext.config import TreeShape
-from megacontext.focus.likelihood import MAX_BLOCKS, block_gains
+from megacontext.focus.likelihood import MAX_BLOCKS, PairCache, block_gains
 from megacontext.gistnet import GistNet, gists_for_history
 from megacontext.tree import MegaContextTree
 
@@ -76,20 +76,25 @@ def build_source(
 
 
 class TreeSource:
-    """EntrySource over a tree: LOD0 embeddings from the base, gists from storage."""
+    """EntrySource over a tree: LOD0 embeddings from the base, gists from storage.
+
+    The query gains keep every block pair's keys and values (:class:`PairCache`): the history
+    only grows and the session's base does not change, so a refocus reads just the query per pair.
+    """
 
     def __init__(self, tree: MegaContextTree, base: BaseModel) -> None:
         self.tree = tree
         self.base = base
         self._gains: tuple[int, int, np.ndarray] | None = None  # (num_tokens, first, gains)
+        self._pairs = PairCache(base, tree.block_size)
 
     def query_gains(self, block_size: int) -> tuple[int, np.ndarray]:
         """Like :meth:`HistorySource.query_gains`, for the history as it stands (recomputed when it grew)."""
         n = self.tree.num_tokens
         if self._gains is None or self._gains[0] != n:
-            lo = max(0, n // block_size - MAX_BLOCKS) * block_size
-            first, gains = _newest_gains(self.base, self.tree.tokens(lo, n).astype(np.int64), block_size)
-            self._gains = (n, first + lo // block_size, gains)
+            first = max(0, n // block_size - MAX_BLOCKS)
+            ids = self.tree.tokens(first * block_size, n).astype(np.int64)
+            self._gains = (n, first, self._pairs.gains(ids, first))
         return self._gains[1], self._gains[2]
 
     def token_embeddings(self, positions: torch.Tensor) -> torch.Tensor:
