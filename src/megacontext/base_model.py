@@ -271,7 +271,8 @@ class BaseModel:
         ``position_ids`` (gists in absolute mode) as packed separate sequences.
         Returns the HF output: ``.logits`` ``[B, T, V]`` (``[B, 1, V]`` with ``last_only``
         where the model can skip the LM head on the others) and, with ``use_cache``, the KV
-        cache as ``.cache`` (transformers 5; ``.past_key_values`` is its deprecated alias),
+        cache as ``.cache`` (transformers >= 5.24, which the project requires; ``.past_key_values``
+        is its deprecated alias),
         which :func:`crop_cache` can cut back.
         """
         B, T, _ = inputs_embeds.shape
