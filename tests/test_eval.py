@@ -23,9 +23,9 @@ from megacontext.eval.results import (
     PASSKEY_KEYS,
     RESULT_KEYS,
     TIMING_KEYS,
-    delta_standard_errors,
     format_table,
     gap_closed,
+    loss_rows,
 )
 from megacontext.focus.horizon import raw_prefix
 from megacontext.focus.policies import (
@@ -171,12 +171,19 @@ def test_gap_closed_formula():
     assert gap_closed(rows(3.0, 2.0, 2.5)) == {"64": None}  # reference worse than recency: meaningless
 
 
-def test_delta_standard_error_is_paired():
-    losses = {(64, "reference"): [1.0, 2.0, 3.0], (64, "recency"): [1.5, 2.5, 3.5], (64, "sinks"): [1.0, 3.0, 3.0]}
-    se = delta_standard_errors(losses)
-    assert se[(64, "reference")] is None
-    assert se[(64, "recency")] == 0.0  # a constant shift per window: no noise in the paired difference
-    assert se[(64, "sinks")] == pytest.approx(np.std([0.0, 1.0, 0.0], ddof=1) / np.sqrt(3))
+def test_standard_errors_are_paired_against_the_reference_and_uniform_gists():
+    losses = {(64, "reference"): [1.0, 2.0, 3.0], (64, "recency"): [1.5, 2.5, 3.5], (64, "sinks"): [1.0, 3.0, 3.0],
+              (64, "uniform_gists"): [1.5, 2.0, 4.0]}
+    rows = {r["policy"]: r for r in loss_rows(losses, {})}
+    assert rows["reference"]["se"] is None and rows["uniform_gists"]["se_vs_uniform_gists"] is None
+    assert rows["recency"]["se"] == 0.0  # a constant shift per window: no noise in the paired difference
+    assert rows["recency"]["delta_nll_vs_reference"] == pytest.approx(0.5)
+    assert rows["sinks"]["se"] == pytest.approx(np.std([0.0, 1.0, 0.0], ddof=1) / np.sqrt(3))
+    assert rows["sinks"]["delta_vs_uniform_gists"] == pytest.approx(-0.5 / 3)
+    assert rows["sinks"]["se_vs_uniform_gists"] == pytest.approx(np.std([-0.5, 1.0, -1.0], ddof=1) / np.sqrt(3))
+    table = format_table({"horizon": 8, "split": "test", "data": "d", "cursor": "end", "results": list(rows.values()),
+                          "gap_closed": {}, "passkey": [], "timing": dict.fromkeys(TIMING_KEYS)})
+    assert "Δ uniform" in table and "-0.1667" in table
 
 
 def test_sinks_keep_the_first_and_newest_tokens():

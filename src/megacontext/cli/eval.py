@@ -129,10 +129,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _print_table(run) -> None:
-    """The eval table (with the paired standard error of each ΔNLL) and the acceptance check."""
-    from megacontext.eval.results import acceptance_lines, delta_standard_errors, format_table
+    """The eval table (each difference with its paired standard error) and the acceptance check."""
+    from megacontext.eval.results import acceptance_lines, format_table
 
-    print(format_table(run.json, delta_standard_errors({k: v.losses for k, v in run.stats.items()})))
+    print(format_table(run.json))
     for line in acceptance_lines(run.json):
         print(line)
 

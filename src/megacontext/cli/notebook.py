@@ -410,7 +410,7 @@ def evaluate(cfg: Config, run_dir: str | os.PathLike | None = None, progress: bo
     """``megacontext eval --checkpoint RUN_DIR`` into RUN_DIR/eval.json; shows the tables."""
     from megacontext.eval.evaluate import EvalOptions
     from megacontext.eval.evaluate import evaluate as run_eval
-    from megacontext.eval.results import acceptance_lines, delta_standard_errors, write_eval_json
+    from megacontext.eval.results import acceptance_lines, write_eval_json
     from megacontext.modules import Modules
 
     _quiet_weight_loading()
@@ -422,9 +422,9 @@ def evaluate(cfg: Config, run_dir: str | os.PathLike | None = None, progress: bo
         result = run_eval(cfg, modules, EvalOptions.from_config(cfg), progress=progress)
         path = write_eval_json(result.json, run / "eval.json")
     data = result.json
-    se = delta_standard_errors({k: v.losses for k, v in result.stats.items()})
     rows = [{"budget": r["budget"], "policy": r["policy"], "loss@H": r["loss_at_h"],
-             "ΔNLL vs reference": r["delta_nll_vs_reference"], "± s.e.": se.get((r["budget"], r["policy"])),
+             "ΔNLL vs reference": r["delta_nll_vs_reference"], "± s.e.": r["se"],
+             "Δ vs uniform_gists": r["delta_vs_uniform_gists"], "± s.e. ": r["se_vs_uniform_gists"],
              "swap rate": r.get("swap_rate"), "windows": r["n_windows"]} for r in data["results"]]
     _html(f"<b>loss@H</b> (H = {data['horizon']}, {data['split']} split of <code>{html.escape(str(data['data']))}</code>)")
     _display(_frame(rows))

@@ -10,7 +10,6 @@ peeks at the future: it is a ceiling, never a policy, and never part of a "beats
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -18,6 +17,7 @@ import torch
 
 from megacontext.config import derive_seed
 from megacontext.data import Window
+from megacontext.eval.results import paired_se
 from megacontext.focus.horizon import horizon_nll
 from megacontext.focus.oracle import oracle_focus_context
 from megacontext.focus.policies import FocusSettings, initial_context, policy_nll
@@ -62,11 +62,10 @@ def ceiling_rows(
             losses[policy], _ = policy_nll(policy, mods, at, windows, sources, rngs, start=half)
         base = np.asarray(losses["uniform_gists"])
         for policy, values in losses.items():
-            d = np.asarray(values) - base
             rows.append({
                 "budget": int(budget), "policy": policy, "loss_second_half": float(np.mean(values)),
-                "delta_vs_uniform_gists": float(d.mean()),
-                "se": float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else None,
+                "delta_vs_uniform_gists": float(np.mean(np.asarray(values) - base)),
+                "se": paired_se(values, base),
                 "n_windows": len(values),
             })
     return rows

@@ -32,6 +32,7 @@ import torch
 
 from megacontext.config import derive_seed
 from megacontext.data import Window, sample_blocks
+from megacontext.eval.results import paired_se
 from megacontext.focus.horizon import reconstruction
 from megacontext.focus.policies import FocusSettings, initial_context, policy_nll
 from megacontext.focus.source import HistorySource, build_source
@@ -44,8 +45,8 @@ RECONSTRUCTION_BLOCKS = 4  # blocks per window for the reconstruction metrics
 
 def _paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     """Mean and standard error of ``a - b`` over the windows."""
-    d = a - b
-    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else math.nan
+    se = paired_se(a, b)
+    return float((a - b).mean()), math.nan if se is None else se
 
 
 def _with_mode(settings: FocusSettings, mode: str) -> FocusSettings:

@@ -3,7 +3,8 @@
 eval.json (exactly these keys)::
 
     {"horizon", "block_size", "base", "checkpoint", "data", "split", "cursor",
-     "results":  [{"budget", "policy", "loss_at_h", "delta_nll_vs_reference", "n_windows"}],
+     "results":  [{"budget", "policy", "loss_at_h", "delta_nll_vs_reference", "se", "delta_vs_uniform_gists",
+                   "se_vs_uniform_gists", "n_windows", "swap_rate"}]   (s.e.: of the paired per-window difference),
      "gap_closed": {"<budget>": share},
      "ceiling":  [{"budget", "policy", "loss_second_half", "delta_vs_uniform_gists", "se", "n_windows"}],
      "passkey":  [{"budget", "history_tokens", "depth", "policy", "accuracy", "n"}],
@@ -30,7 +31,8 @@ import numpy as np
 
 EVAL_KEYS = ("horizon", "block_size", "base", "checkpoint", "data", "split", "cursor",
              "results", "gap_closed", "ceiling", "passkey", "multikey", "gists", "reconstruction", "timing")
-RESULT_KEYS = ("budget", "policy", "loss_at_h", "delta_nll_vs_reference", "n_windows", "swap_rate")
+RESULT_KEYS = ("budget", "policy", "loss_at_h", "delta_nll_vs_reference", "se", "delta_vs_uniform_gists",
+               "se_vs_uniform_gists", "n_windows", "swap_rate")
 PASSKEY_KEYS = ("budget", "history_tokens", "depth", "policy", "accuracy", "n")
 TIMING_KEYS = ("base_forward_ms", "refocus_ms", "gist_ms_per_block")
 ACCEPT_DELTA_NLL = 0.1  # seed doc: ΔNLL degradation <= 0.1 at W_max
@@ -40,24 +42,40 @@ def _finite(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
 
+def paired_se(values: Sequence[float], base: Sequence[float] | None) -> float | None:
+    """Standard error of the mean paired difference ``values - base`` over the same windows;
+    None without a baseline or with fewer than two windows."""
+    if base is None or len(values) < 2 or len(values) != len(base):
+        return None
+    d = np.asarray(values, dtype=np.float64) - np.asarray(base, dtype=np.float64)
+    return _finite(float(d.std(ddof=1) / math.sqrt(len(d))))
+
+
+def _mean(values: Sequence[float] | None) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
 def loss_rows(
     losses: Mapping[tuple[int, str], Sequence[float]], swap_rates: Mapping[tuple[int, str], Sequence[float]]
 ) -> list[dict[str, Any]]:
-    """One results row per (budget, policy) from per-window NLLs; delta vs the reference's.
+    """One results row per (budget, policy) from per-window NLLs: the mean, its difference to
+    the reference's and to ``uniform_gists``' (the same windows), each with its paired s.e.
 
     ``losses[(budget, policy)]``: loss@H of each window (the same windows for every key);
     ``swap_rates``: the allocator's swap rate on each window (0 for a policy that never refocuses).
     """
     rows = []
     for (budget, policy), values in losses.items():
-        ref = losses.get((budget, "reference"))
-        loss = sum(values) / len(values) if values else math.nan
-        ref_loss = sum(ref) / len(ref) if ref else math.nan
+        ref, uni = losses.get((budget, "reference")), losses.get((budget, "uniform_gists"))
+        loss = _mean(values)
         rows.append({
             "budget": int(budget),
             "policy": policy,
             "loss_at_h": _finite(loss),
-            "delta_nll_vs_reference": _finite(loss - ref_loss),
+            "delta_nll_vs_reference": _finite(loss - _mean(ref)),
+            "se": None if policy == "reference" else paired_se(values, ref),
+            "delta_vs_uniform_gists": _finite(loss - _mean(uni)),
+            "se_vs_uniform_gists": None if policy == "uniform_gists" else paired_se(values, uni),
             "n_windows": len(values),
             "swap_rate": _finite(float(np.mean(swap_rates[(budget, policy)]))) if swap_rates.get((budget, policy)) else 0.0,
         })
@@ -118,33 +136,19 @@ def _fmt(x: float | None, spec: str = ".4f") -> str:
     return "-" if x is None else format(x, spec)
 
 
-def delta_standard_errors(losses: Mapping[tuple[int, str], Sequence[float]]) -> dict[tuple[int, str], float | None]:
-    """Standard error of the mean paired difference (policy - reference) over the windows."""
-    out: dict[tuple[int, str], float | None] = {}
-    for (budget, policy), values in losses.items():
-        ref = losses.get((budget, "reference"))
-        if policy == "reference" or not ref or len(values) < 2 or len(values) != len(ref):
-            out[(budget, policy)] = None
-            continue
-        d = np.asarray(values, dtype=np.float64) - np.asarray(ref, dtype=np.float64)
-        out[(budget, policy)] = float(d.std(ddof=1) / math.sqrt(len(d)))
-    return out
-
-
-def format_table(data: Mapping[str, Any], se: Mapping[tuple[int, str], float | None] | None = None) -> str:
-    """Plain-text loss@H table, gap closed, passkey accuracy and timing.
-
-    ``se``: optional standard error of each ΔNLL (from :func:`delta_standard_errors`).
-    """
-    se = se or {}
+def format_table(data: Mapping[str, Any]) -> str:
+    """Plain-text loss@H table (each difference with its paired s.e.), gap closed, the
+    ceiling, the gist panel, passkey and multi-key accuracy, and timing."""
     lines = []
     if data["results"]:
         lines.append(f"loss@H (H={data['horizon']}, {data['split']} split of {data['data']}, cursor={data['cursor']})")
-        lines.append(f"{'budget':>7} {'policy':<16} {'loss@H':>8} {'ΔNLL':>8} {'± s.e.':>7} {'windows':>7} {'swap':>6}")
-    for r in data["results"]:
+        lines.append(f"{'budget':>7} {'policy':<16} {'loss@H':>8} {'ΔNLL':>8} {'± s.e.':>7} "
+                     f"{'Δ uniform':>9} {'± s.e.':>7} {'windows':>7} {'swap':>6}")
+    for r in data["results"]:  # .get: an eval.json of an older version has no s.e. columns
         lines.append(
             f"{r['budget']:>7} {r['policy']:<16} {_fmt(r['loss_at_h']):>8} "
-            f"{_fmt(r['delta_nll_vs_reference'], '+.4f'):>8} {_fmt(se.get((r['budget'], r['policy'])), '.4f'):>7} "
+            f"{_fmt(r['delta_nll_vs_reference'], '+.4f'):>8} {_fmt(r.get('se')):>7} "
+            f"{_fmt(r.get('delta_vs_uniform_gists'), '+.4f'):>9} {_fmt(r.get('se_vs_uniform_gists')):>7} "
             f"{r['n_windows']:>7} {_fmt(r.get('swap_rate'), '.3f'):>6}"
         )
     for budget, share in data["gap_closed"].items():
