@@ -423,8 +423,8 @@ def evaluate(cfg: Config, run_dir: str | os.PathLike | None = None, progress: bo
         path = write_eval_json(result.json, run / "eval.json")
     data = result.json
     rows = [{"budget": r["budget"], "policy": r["policy"], "loss@H": r["loss_at_h"],
-             "ΔNLL vs reference": r["delta_nll_vs_reference"], "± s.e.": r["se"],
-             "Δ vs uniform_gists": r["delta_vs_uniform_gists"], "± s.e. ": r["se_vs_uniform_gists"],
+             "ΔNLL vs reference": r["delta_nll_vs_reference"], "± s.e. (reference)": r["se"],
+             "Δ vs uniform_gists": r["delta_vs_uniform_gists"], "± s.e. (uniform_gists)": r["se_vs_uniform_gists"],
              "swap rate": r.get("swap_rate"), "windows": r["n_windows"]} for r in data["results"]]
     _html(f"<b>loss@H</b> (H = {data['horizon']}, {data['split']} split of <code>{html.escape(str(data['data']))}</code>)")
     _display(_frame(rows))
