@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from megacontext.data import (
     make_passkey,
     prepare_dataset,
 )
-from megacontext.data.passkey import ANSWER, NEEDLE, QUESTIONS
+from megacontext.data.passkey import ANSWER, NEEDLE, QUESTIONS, random_key
 from megacontext.data.prepare import split_of
 from megacontext.data.sources import parse_source, stdlib_root
 from megacontext.data.tokenizer import tokenizer_hash
@@ -411,6 +412,22 @@ def test_passkey_keys_vary_and_are_seeded(smoke_data):
     keys = [make_passkey(np.random.default_rng(i), tok, filler, 200, 0.5).key for i in range(6)]
     assert len(set(keys)) > 1
     assert keys == [make_passkey(np.random.default_rng(i), tok, filler, 200, 0.5).key for i in range(6)]
+
+
+def _longest_run(key: str) -> int:
+    return max(len(m.group(0)) for m in re.finditer(r"(.)\1*", key))
+
+
+def test_run_keys_hold_digit_runs_and_leave_uniform_keys_alone():
+    uniform = [random_key(np.random.default_rng(i)) for i in range(400)]
+    assert uniform == [str(int(np.random.default_rng(i).integers(10_000, 100_000))) for i in range(400)]
+    assert sum(_longest_run(k) >= 3 for k in uniform) < 40  # ~3% of uniform keys hold a run of 3
+    runs = [random_key(np.random.default_rng(i), run_keys=1.0) for i in range(400)]
+    assert all(len(k) == 5 and k.isdigit() and k[0] != "0" for k in runs)
+    assert all(_longest_run(k) >= 3 for k in runs)
+    assert {_longest_run(k) for k in runs} == {3, 4, 5}
+    half = [random_key(np.random.default_rng(i), run_keys=0.5) for i in range(400)]
+    assert 150 < sum(_longest_run(k) >= 3 for k in half) < 260
 
 
 def test_passkey_errors(smoke_data):

@@ -303,6 +303,7 @@ def validate(cfg: Config) -> None:
         need(0 <= v < 0.5, f"data.{k}", "must be in [0, 0.5)")
     need(cfg.data.vocab_size >= 300, "data.vocab_size", "must be at least 300 (256 bytes + specials)")
     need(0 <= cfg.embedded.passkey_fraction < 1, "embedded.passkey_fraction", "must be in [0, 1)")
+    need(0 <= cfg.embedded.passkey_run_keys <= 1, "embedded.passkey_run_keys", "must be in [0, 1]")
     need(cfg.embedded.copy_rows >= 0, "embedded.copy_rows", "must be >= 0")
     need(
         64 <= cfg.embedded.copy_length <= cfg.embedded.context,

@@ -87,6 +87,7 @@ class EmbeddedBaseConfig:
     lr: float = 2e-3
     warmup_steps: int = 50
     passkey_fraction: float = 0.1  # share of training sequences that are synthetic passkey docs
+    passkey_run_keys: float = 0.5  # share of their keys with a run of 3-5 equal digits (rare in uniform keys)
     copy_rows: int = 4  # rows of repeated random tokens per step (the induction drill); 0 = none
     copy_length: int = 512  # tokens per drill row, period random in [8, copy_length / 2]; warm-up: half
     induction_steps: int = 3000  # most drill-only warm-up steps before the corpus (0 = none)

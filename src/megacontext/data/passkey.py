@@ -20,6 +20,7 @@ NEEDLE = "\n# pass key: {key}\n"
 # Question variants, tried in order until one does not merge with the answer's first token.
 QUESTIONS = ("\n# what is the pass key? pass key:", "\n# what is the pass key?\n# pass key =")
 ANSWER = " {key}\n"
+KEY_DIGITS = 5
 
 
 @dataclass(frozen=True)
@@ -60,9 +61,28 @@ def question_and_answer(tokenizer, template: PasskeyTemplate, key: str) -> tuple
     raise DataError("this tokenizer merges every passkey question with its answer; cannot build passkeys")
 
 
-def _parts(rng: np.random.Generator, tokenizer, template: PasskeyTemplate) -> tuple[str, list[int], list[int], list[int]]:
-    """(key, needle ids, question ids, answer ids) of a random 5-digit key."""
-    key = str(int(rng.integers(10_000, 100_000)))
+def random_key(rng: np.random.Generator, run_keys: float = 0.0) -> str:
+    """A random 5-digit key; with probability ``run_keys`` one holding a run of 3 to 5 equal
+    digits (``12111``). Uniform keys hold such a run only ~3% of the time, and a small base that
+    rarely sees one drops a digit of it when it copies. ``run_keys=0`` draws exactly one integer,
+    so evaluation's keys do not depend on this option."""
+    if run_keys <= 0.0 or rng.random() >= run_keys:
+        return str(int(rng.integers(10_000, 100_000)))
+    digits = [str(int(d)) for d in rng.integers(0, 10, size=KEY_DIGITS)]
+    run = int(rng.integers(3, KEY_DIGITS + 1))
+    start = int(rng.integers(0, KEY_DIGITS - run + 1))
+    digits[start : start + run] = [str(int(rng.integers(0, 10)))] * run
+    if digits[0] == "0":  # a 5-digit key: every 0 becomes one nonzero digit, so a run stays a run
+        nonzero = str(int(rng.integers(1, 10)))
+        digits = [nonzero if d == "0" else d for d in digits]
+    return "".join(digits)
+
+
+def _parts(
+    rng: np.random.Generator, tokenizer, template: PasskeyTemplate, run_keys: float = 0.0
+) -> tuple[str, list[int], list[int], list[int]]:
+    """(key, needle ids, question ids, answer ids) of a random 5-digit key (:func:`random_key`)."""
+    key = random_key(rng, run_keys)
     q_ids, a_ids = question_and_answer(tokenizer, template, key)
     return key, _encode(tokenizer, template.needle.format(key=key)), q_ids, a_ids
 
@@ -123,10 +143,12 @@ def make_passkey(
     depth: float,
     template: PasskeyTemplate = EVAL_TEMPLATE,
     spread: int = 0,
+    run_keys: float = 0.0,
 ) -> PasskeyExample:
     """A passkey prompt of exactly ``total_tokens`` tokens with the needle at ``depth``
-    (give or take ``spread // 2`` tokens, see :func:`depth_cut`, which checks ``depth``)."""
-    key, needle, question, answer = _parts(rng, tokenizer, template)
+    (give or take ``spread // 2`` tokens, see :func:`depth_cut`, which checks ``depth``);
+    ``run_keys`` is training's share of keys with a digit run (:func:`random_key`)."""
+    key, needle, question, answer = _parts(rng, tokenizer, template, run_keys)
     prompt, pos = _assemble(rng, filler_docs, total_tokens, depth, needle, question, spread)
     return PasskeyExample(prompt, np.asarray(answer, dtype=np.int64), key, depth, pos)
 

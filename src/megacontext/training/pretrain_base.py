@@ -80,6 +80,7 @@ def passkey_sequence(
     filler_docs: list[np.ndarray],
     stream: np.ndarray,
     length: int,
+    run_keys: float = 0.0,
 ) -> tuple[np.ndarray, slice]:
     """int64 [length]: a passkey prompt, its answer, then EOS and natural text from the stream;
     plus the slice of the answer tokens.
@@ -91,7 +92,7 @@ def passkey_sequence(
     longest = length - PASSKEY_PROMPT_MARGIN
     shortest = min(PASSKEY_MIN_PROMPT, longest)
     n = int(round(math.exp(rng.uniform(math.log(shortest), math.log(longest)))))
-    ex = make_passkey(rng, tokenizer, filler_docs, n, float(rng.uniform()))
+    ex = make_passkey(rng, tokenizer, filler_docs, n, float(rng.uniform()), run_keys=run_keys)
     rest = length - len(ex.prompt) - len(ex.answer)
     start = int(rng.integers(0, len(stream) - rest + 1))
     eos = np.array([tokenizer.eos_token_id], dtype=np.int64)
@@ -114,13 +115,14 @@ def training_batch(
     batch_size: int,
     length: int,
     passkey_fraction: float,
+    run_keys: float = 0.0,
 ) -> Batch:
     """Random windows of the stream, each replaced with probability ``passkey_fraction``
-    by a passkey sequence (:func:`passkey_sequence`)."""
+    by a passkey sequence (:func:`passkey_sequence`, ``run_keys`` of them with a digit run)."""
     rows, answers = [], np.zeros((batch_size, length - 1), dtype=bool)
     for i in range(batch_size):
         if rng.random() < passkey_fraction:
-            seq, span = passkey_sequence(rng, tokenizer, filler_docs, stream, length)
+            seq, span = passkey_sequence(rng, tokenizer, filler_docs, stream, length, run_keys)
             rows.append(seq)
             answers[i, span.start - 1 : span.stop - 1] = True  # target j is token j + 1
         else:
@@ -473,7 +475,8 @@ def _train_and_save(cfg: Config, out_dir: Path, progress: bool) -> dict:
     for step in bar:
         rng = np.random.default_rng(derive_seed(cfg.seed, "pretrain-batch", step))
         batch = training_batch(
-            rng, train_stream, tokenizer, train_docs, emb.batch_size, emb.context + 1, emb.passkey_fraction
+            rng, train_stream, tokenizer, train_docs, emb.batch_size, emb.context + 1,
+            emb.passkey_fraction, emb.passkey_run_keys,
         )
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, emb)
